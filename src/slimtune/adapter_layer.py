@@ -1,0 +1,73 @@
+"""The contract between PeftModel and the layers a method injects, plus the modules_to_save wrapper.
+
+Every layer method (LoRA, IA3, AdaLoRA) wraps a base module and satisfies `AdapterLayer`; PeftModel
+drives adapters only through this protocol, never by asking which method it holds.
+
+# Note: adapter naming on disk
+In memory a wrapper keeps each adapter in `adapters[<name>]`, so the state-dict key of a weight is
+`...q_proj.adapters.default.lora_A.weight`. PEFT's file format stores the same weight as
+`...q_proj.lora_A.weight`: saving drops `adapters.<name>.`, loading puts it back. modules_to_save
+copies follow the same rule with `modules_to_save.<name>.`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Protocol, runtime_checkable
+
+from torch import nn
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """A module that wraps `base_layer` and holds named adapters in `adapters`."""
+
+    base_layer: nn.Module
+    adapters: nn.ModuleDict
+    disabled: bool
+
+    def set_active(self, names: list[str], trainable: bool) -> None:
+        """Make `names` the adapters applied in forward; their weights require grad if trainable."""
+
+    def merge(self, names: list[str]) -> None:
+        """Fold the named adapters into the base weight (forward output unchanged)."""
+
+    def unmerge(self) -> None:
+        """Undo every merge, restoring the base weight."""
+
+    def unloaded(self) -> nn.Module:
+        """The plain module to put back in the model: the base layer with merges kept."""
+
+
+class ModulesToSave(nn.Module):
+    """Keeps the original module frozen and trains a full copy per adapter (e.g. a classifier head)."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def set_active(self, names: list[str], trainable: bool) -> None:
+        self.active = next((n for n in names if n in self.modules_to_save), None)
+        self.original_module.requires_grad_(False)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(trainable and name == self.active)
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active is None:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.current(), name)

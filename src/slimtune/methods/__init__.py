@@ -1,0 +1,1 @@
+"""Adapter methods, one folder each; registry.py maps PeftType -> folder."""

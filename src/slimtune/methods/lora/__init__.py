@@ -1,0 +1,107 @@
+"""LoRA (with rsLoRA, DoRA, Gaussian and PiSSA init) on Linear, Conv1D, Linear4bit and Embedding."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
+from slimtune.methods.lora.config import LoraConfig, _pissa_iters
+from slimtune.methods.lora.layer import LoraLayer, _is_4bit
+from slimtune.registry import MethodSpec
+from slimtune.targeting import default_targets, find_targets, is_linear_like
+
+__all__ = ["LoraConfig", "LoraLayer", "METHOD"]
+
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "phi3", "olmo", "starcoder2",
+        "opt", "bart", "mbart", "gptj", "stablelm")},
+    **{t: ["query_key_value"] for t in ("bloom", "falcon", "gpt_neox", "chatglm", "glm")},
+    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"],
+    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
+    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")},
+}
+
+
+def _adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.device, torch.dtype]:
+    """Adapters live on the base layer's device; bf16/fp16 bases get fp32 adapters (peft's default)."""
+    if _is_4bit(base):
+        return base.weight.device, torch.float32 if autocast_adapter_dtype else base.compute_dtype
+    weight = base.weight
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
+
+
+def _wrap(model: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
+    module = model.get_submodule(name)
+    if isinstance(module, LoraLayer):
+        return module
+    if not (is_linear_like(module) or isinstance(module, nn.Embedding)):
+        raise ValueError(
+            f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported layer types: "
+            "nn.Linear, Conv1D (GPT-2), Linear4bit, nn.Embedding"
+        )
+    fan_in_fan_out = type(module).__name__ == "Conv1D"
+    if config.fan_in_fan_out != fan_in_fan_out and not isinstance(module, nn.Embedding):
+        warnings.warn(f"{name}: {type(module).__name__} uses fan_in_fan_out={fan_in_fan_out}; using that", stacklevel=3)
+    layer = LoraLayer(module, fan_in_fan_out=fan_in_fan_out)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer)
+    return layer
+
+
+def _make_adapter(layer: LoraLayer, name: str, config: LoraConfig) -> LoraLinearAdapter | LoraEmbeddingAdapter:
+    r, alpha = config.rank_and_alpha(name)
+    in_features, out_features = layer.features()
+    if layer.is_embedding:
+        if config.use_dora:
+            raise ValueError(f"{name}: DoRA is not supported on embedding layers; leave it out of target_modules")
+        adapter = LoraEmbeddingAdapter(in_features, out_features, r, alpha, config.use_rslora)
+    else:
+        adapter = LoraLinearAdapter(in_features, out_features, r, alpha, config.lora_dropout, config.use_rslora)
+    return adapter
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Wrap every target module of `model` in a LoraLayer and add adapter `adapter_name` to it."""
+    targets = config.target_modules or default_targets(model, DEFAULT_TARGETS, "LoRA")
+    names = find_targets(model, targets, exclude_modules=config.exclude_modules,
+                         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                         skip=config.modules_to_save or ())
+    niter = _pissa_iters(config.init_lora_weights)
+    for name in names:
+        layer = _wrap(model, name, config)
+        adapter = _make_adapter(layer, name, config)
+        adapter.reset(config.init_lora_weights)
+        if niter is not None:
+            _pissa(layer, adapter, niter, name)
+        device, dtype = _adapter_dtype(layer.base_layer, autocast_adapter_dtype)
+        if config.use_dora:
+            adapter.init_dora(layer.base_weight().to(device))
+        layer.add(adapter_name, adapter.to(device=device, dtype=dtype))
+
+
+def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) -> None:
+    if layer.is_embedding or _is_4bit(layer.base_layer):
+        raise ValueError(f"{name}: PiSSA init needs a full-precision linear layer (not an embedding or 4-bit layer)")
+    residual = adapter.pissa(layer.base_weight(), niter)
+    layer._write_weight(residual)
+
+
+def extra_trainable(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
+    """Biases trained by bias='all' (every bias) or 'lora_only' (the adapted layers' own biases)."""
+    if config.bias == "none":
+        return
+    for name, param in model.named_parameters():
+        if not name.endswith("bias") or ".adapters." in name:
+            continue
+        if config.bias == "all" or name.endswith(".base_layer.bias"):
+            yield name, param
+
+
+METHOD = MethodSpec(config_cls=LoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
+                    extra_trainable=extra_trainable)

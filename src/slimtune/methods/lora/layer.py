@@ -1,0 +1,147 @@
+"""LoraLayer: wraps a linear-like layer (nn.Linear, GPT-2 Conv1D, Linear4bit) or an nn.Embedding.
+
+forward(x) = base_layer(x) + sum over active adapters of adapter(x). Merging folds the adapters into
+the base weight; a 4-bit base is never re-quantized: merge it only through `unloaded(merge=True)`,
+which returns a plain nn.Linear in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and type(module).__name__ == "Linear4bit"
+
+
+class LoraLayer(nn.Module):
+    """A base layer plus named LoRA adapters (see adapter_layer.AdapterLayer)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.is_embedding = isinstance(base_layer, nn.Embedding)
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self._dora_norms: dict[str, torch.Tensor | None] = {}
+        self.disabled = False
+
+    # ---- shape of the base weight, seen as (out, in) --------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as (out, in) for linear layers, (num_embeddings, dim) for embeddings."""
+        base = self.base_layer
+        weight = base.dequantize() if _is_4bit(base) else base.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def features(self) -> tuple[int, int]:
+        base = self.base_layer
+        if self.is_embedding:
+            return base.num_embeddings, base.embedding_dim
+        if hasattr(base, "in_features"):
+            return base.in_features, base.out_features
+        weight = base.weight  # Conv1D keeps (in, out)
+        return tuple(weight.shape) if self.fan_in_fan_out else tuple(reversed(weight.shape))
+
+    # ---- AdapterLayer protocol ------------------------------------------------------------------
+    def add(self, name: str, adapter: LoraLinearAdapter | LoraEmbeddingAdapter) -> None:
+        self.adapters[name] = adapter
+
+    def set_active(self, names: list[str], trainable: bool) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(trainable and name in self.active)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        if _is_4bit(self.base_layer):
+            raise ValueError(
+                "cannot merge into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
+                "dequantizes the base and merges in the compute dtype"
+            )
+        for name in names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            weight = self.base_weight()
+            delta, norm = self.adapters[name].delta_weight(weight)
+            self._write_weight(weight.float() + delta)
+            self._dora_norms[name] = norm
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged:
+            name = self.merged.pop()
+            original = self.adapters[name].undo_delta(self.base_weight(), self._dora_norms.pop(name))
+            self._write_weight(original)
+
+    def _write_weight(self, weight: torch.Tensor) -> None:
+        target = self.base_layer.weight
+        target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
+
+    @torch.no_grad()
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The base module to put back; with merge=True the active adapters are folded in first."""
+        base = self.base_layer
+        if merge and _is_4bit(base):
+            weight = base.dequantize().float()
+            for name in self.active:
+                delta, _ = self.adapters[name].delta_weight(weight)
+                weight = weight + delta
+            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                              device=weight.device, dtype=base.compute_dtype)
+            plain.weight.data.copy_(weight)
+            if base.bias is not None:
+                plain.bias.data.copy_(base.bias)
+            return plain
+        if merge:
+            self.merge([n for n in self.active if n not in self.merged])
+        return base
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        pending = [n for n in self.active if n not in self.merged]
+        if not pending:
+            return result
+        if self.is_embedding:
+            for name in pending:
+                result = result + self.adapters[name](x, self.base_layer)
+            return result
+        out_dtype = result.dtype
+        needs_weight = any(self.adapters[n].lora_magnitude_vector is not None for n in pending)
+        weight = self.base_weight() if needs_weight else None
+        bias = getattr(self.base_layer, "bias", None)
+        for name in pending:
+            adapter = self.adapters[name]
+            xa = x.to(adapter.lora_A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+            result = result + adapter(xa, result, weight, bias)
+        return result.to(out_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"

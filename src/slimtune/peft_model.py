@@ -1,0 +1,314 @@
+"""PeftModel: wraps a transformers model, holds named adapters, saves/loads them in PEFT's format.
+
+The API is HF peft's (get_peft_model, PeftModel.from_pretrained, save_pretrained, merge_and_unload, ...)
+so code written for peft runs with `peft` replaced by `slimtune`. Methods plug in through the registry
+and the AdapterLayer protocol; nothing here asks which method an adapter uses.
+
+# Note: state_dict() is the adapter
+transformers.Trainer saves any model that is not a PreTrainedModel (or peft's own PeftModel class)
+by writing `model.state_dict()` to model.safetensors, and reloads it with `load_state_dict`. So that
+Trainer checkpoints hold the adapter only (not a multi-GB copy of the frozen base) and resume works,
+PeftModel.state_dict() returns the active adapter in PEFT's key format and load_state_dict() accepts
+it. The full model's tensors stay reachable through `model.get_base_model().state_dict()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune import adapter_io
+from slimtune.adapter_layer import AdapterLayer, ModulesToSave
+from slimtune.config import PeftConfig, TaskType
+from slimtune.registry import MethodSpec, get_method
+from slimtune.targeting import find_targets
+
+CLASSIFIER_NAMES = ("classifier", "score")
+_PREFIX = "base_model.model."
+
+
+class AdaptedModel(nn.Module):
+    """The tuner layer of peft's layout (`peft_model.base_model.model` is the transformers model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["model"], name)
+
+
+class PeftModel(nn.Module):
+    """A model with one or more named adapters, one of them active."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.base_model = AdaptedModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter = adapter_name
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        checkpointing = getattr(model, "is_activation_checkpointing", None)
+        if checkpointing is None:  # transformers < 5.2 names it is_gradient_checkpointing
+            checkpointing = getattr(model, "is_gradient_checkpointing", False)
+        if checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
+
+    # ---- pass-through ---------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped transformers model (with adapter layers inside)."""
+        return self.base_model.model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["base_model"], name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter]
+
+    # ---- adapters -------------------------------------------------------------------------------
+    def _spec(self, name: str) -> MethodSpec:
+        return get_method(self.peft_config[name].peft_type)
+
+    def _layers(self) -> Iterator[nn.Module]:
+        return (m for m in self.modules() if isinstance(m, (AdapterLayer, ModulesToSave)))
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new adapter (inactive until set_adapter, like peft)."""
+        if not isinstance(peft_config, PeftConfig):
+            raise TypeError(f"peft_config must be a slimtune PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
+        model = self.get_base_model()
+        config = dataclasses.replace(peft_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
+            present = [n for n in CLASSIFIER_NAMES if any(k.split(".")[-1] == n for k, _ in model.named_modules())]
+            config.modules_to_save = sorted(set(config.modules_to_save or []) | set(present)) or None
+        get_method(config.peft_type).inject(model, config, adapter_name, self._autocast_adapter_dtype)
+        self._add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+        self.peft_config[adapter_name] = config
+
+    def _add_modules_to_save(self, model: nn.Module, names: list[str] | None, adapter_name: str) -> None:
+        if not names:
+            return
+        for name in find_targets(model, list(names)):
+            if ".modules_to_save." in name or name.endswith(".original_module"):
+                continue
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
+            module.add(adapter_name)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active adapter; only its weights require grad (unless inference_mode)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; adapters: {sorted(self.peft_config)}")
+        self.active_adapter = adapter_name
+        config = self.peft_config[adapter_name]
+        trainable = not config.inference_mode
+        for param in self.get_base_model().parameters():
+            param.requires_grad_(False)
+        for layer in self._layers():
+            layer.set_active([adapter_name], trainable)
+        extra = self._spec(adapter_name).extra_trainable
+        if trainable and extra is not None:
+            for _, param in extra(self.get_base_model(), config):
+                param.requires_grad_(True)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; adapters: {sorted(self.peft_config)}")
+        if adapter_name == self.active_adapter and len(self.peft_config) == 1:
+            raise ValueError(f"cannot delete {adapter_name!r}: it is the only adapter")
+        for layer in list(self._layers()):
+            if adapter_name in (layer.adapters if isinstance(layer, AdapterLayer) else layer.modules_to_save):
+                if isinstance(layer, AdapterLayer):
+                    layer.delete(adapter_name)
+                else:
+                    del layer.modules_to_save[adapter_name]
+        del self.peft_config[adapter_name]
+        if adapter_name == self.active_adapter:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        layers = list(self._layers())
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+
+    # ---- merging --------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        names = adapter_names or [self.active_adapter]
+        for layer in self._layers():
+            if isinstance(layer, AdapterLayer):
+                layer.merge(names)
+
+    def unmerge_adapter(self) -> None:
+        for layer in self._layers():
+            if isinstance(layer, AdapterLayer):
+                layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain transformers model.
+
+        A 4-bit base is dequantized and merged in its compute dtype (never re-quantized).
+        """
+        if adapter_names:
+            for layer in self._layers():
+                layer.set_active(adapter_names, trainable=False)
+        return self._unload(merge=True, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter and return the untouched base model."""
+        return self._unload(merge=False, safe_merge=False)
+
+    @torch.no_grad()
+    def _unload(self, merge: bool, safe_merge: bool) -> nn.Module:
+        model = self.get_base_model()
+        wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+        for name, layer in wrapped:
+            if isinstance(layer, ModulesToSave):
+                plain = layer.current() if merge else layer.original_module
+            else:
+                plain = layer.unloaded(merge=merge)
+            if safe_merge and any(not torch.isfinite(p).all() for p in plain.parameters()):
+                raise ValueError(f"merging produced NaN/inf weights in {name}; the adapter is broken")
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain)
+        return model
+
+    # ---- trainable parameters -----------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total); a packed 4-bit byte counts as two parameters, as in peft."""
+        trainable = total = 0
+        for param in self.parameters():
+            n = param.numel() * (2 if param.dtype == torch.uint8 else 1)
+            total += n
+            trainable += n if param.requires_grad else 0
+        for module in self.modules():
+            if type(module).__name__ == "Linear4bit":
+                total += sum(b.numel() * 2 for b in module.buffers(recurse=False) if b.dtype == torch.uint8)
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ---- save / load ----------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's file keys."""
+        name = adapter_name or self.active_adapter
+        full = nn.Module.state_dict(self, keep_vars=True)
+        extras = self._extra_keys(name)
+        mapping = adapter_io.adapter_keys(full, name, extras)
+        return {file_key: full[key] for file_key, key in mapping.items()}
+
+    def _extra_keys(self, name: str) -> list[str]:
+        extra = self._spec(name).extra_trainable
+        return [_PREFIX + n for n, _ in extra(self.get_base_model(), self.peft_config[name])] if extra else []
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: list[str] | None = None, is_main_process: bool = True,
+                        **kwargs: Any) -> None:
+        """Write each adapter in PEFT's layout: 'default' at the root, others in a subfolder."""
+        if not safe_serialization:
+            raise ValueError("slimtune writes safetensors only; safe_serialization=False is not supported")
+        if not is_main_process:
+            return
+        root = Path(save_directory)
+        for name in selected_adapters or list(self.peft_config):
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; adapters: {sorted(self.peft_config)}")
+            directory = root if name == "default" else root / name
+            adapter_io.write_weights(self.adapter_state_dict(name), directory)
+            config = dataclasses.replace(self.peft_config[name], inference_mode=True)
+            config.save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        autocast_adapter_dtype: bool = True, subfolder: str | None = None,
+                        revision: str | None = None, **kwargs: Any) -> PeftModel:
+        """Wrap `model` and load the adapter saved at `model_id` (a folder or a hub name)."""
+        directory = adapter_io.resolve_adapter_dir(model_id, subfolder, revision)
+        config = config or PeftConfig.from_pretrained(directory)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        peft_model._load_weights(directory, adapter_name)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None, revision: str | None = None, **kwargs: Any) -> None:
+        """Add the adapter saved at `model_id` under `adapter_name` (inactive until set_adapter)."""
+        directory = adapter_io.resolve_adapter_dir(model_id, subfolder, revision)
+        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, config)
+        self._load_weights(directory, adapter_name)
+        layers = [m for m in self._layers()]
+        for layer in layers:  # keep the active adapter active; the new one stays frozen unless trainable
+            layer.set_active([self.active_adapter], not self.peft_config[self.active_adapter].inference_mode)
+
+    def _load_weights(self, directory: Path, adapter_name: str) -> None:
+        file_sd = adapter_io.read_weights(directory)
+        self._assign(file_sd, adapter_name, source=str(directory / adapter_io.WEIGHTS_NAME))
+
+    @torch.no_grad()
+    def _assign(self, file_sd: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
+        expected = self.adapter_state_dict(adapter_name)
+        adapter_io.check_and_match(file_sd, expected, source)
+        for key, tensor in file_sd.items():
+            expected[key].data.copy_(tensor.to(expected[key].dtype))
+
+    # ---- torch state-dict protocol (see Note: state_dict() is the adapter) ----------------------
+    def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",
+                   keep_vars: bool = False) -> dict[str, Any]:
+        out = destination if destination is not None else {}
+        for key, tensor in self.adapter_state_dict().items():
+            out[prefix + key] = tensor if keep_vars else tensor.detach()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        self._assign(dict(state_dict), self.active_adapter, source="state_dict")
+        return nn.modules.module._IncompatibleKeys([], [])
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
+    """Wrap `model` with a new trainable adapter described by `peft_config`."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)

@@ -1,0 +1,6 @@
+"""slimtune.quant: 4-bit NF4/FP4 quantization (bit-compatible with bitsandbytes), Linear4bit, loading."""
+
+from slimtune.quant.nf4 import dequantize_4bit, quantize_4bit
+from slimtune.quant.state import NestedState, QuantState
+
+__all__ = ["quantize_4bit", "dequantize_4bit", "QuantState", "NestedState"]

@@ -1,0 +1,44 @@
+"""Method name -> (config class, injector). Adding a method adds a folder and one line here.
+
+A method module exposes `METHOD: MethodSpec`. Layer methods (LoRA, IA3, AdaLoRA) replace target modules
+with wrappers that satisfy `AdapterLayer`; the rest of slimtune only talks to that protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from slimtune.config import PeftType
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from slimtune.config import PeftConfig
+
+_METHOD_MODULES: dict[PeftType, str] = {
+    PeftType.LORA: "slimtune.methods.lora",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How one adapter method plugs in."""
+
+    config_cls: type[PeftConfig]
+    inject: Callable[[nn.Module, PeftConfig, str], None]
+    """inject(model, config, adapter_name): add the adapter to `model` in place."""
+    default_targets: dict[str, list[str]]
+    """model_type -> target module names used when the config gives none."""
+    extra_trainable: Callable[[nn.Module, PeftConfig], Iterator[tuple[str, nn.Parameter]]] | None = None
+    """Base parameters the config also trains and saves (e.g. LoRA's bias='all'), by state-dict name."""
+
+
+def get_method(peft_type: PeftType) -> MethodSpec:
+    """The MethodSpec for a peft_type, importing its module on first use."""
+    if peft_type not in _METHOD_MODULES:
+        allowed = ", ".join(t.value for t in _METHOD_MODULES)
+        raise ValueError(f"peft_type {peft_type.value!r} is not available in slimtune yet; available: {allowed}")
+    return importlib.import_module(_METHOD_MODULES[peft_type]).METHOD

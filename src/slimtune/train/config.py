@@ -1,0 +1,90 @@
+"""TrainConfig: the `train:` section of a run's YAML — optimisation, schedule, precision and cadence.
+
+Defaults live here and nowhere else; the YAML file is only this dataclass serialized. Each field's
+docstring becomes the `slimtune train --help` text (see `slimtune.train.docs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Scheduler = Literal["linear", "cosine", "constant"]
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int | None = None
+    """Optimizer steps to run; overrides `epochs` when set (epochs then repeat as needed)."""
+    epochs: int = 1
+    """Passes over the training rows when `max_steps` is null."""
+    lr: float = 2.0e-4
+    """Peak learning rate of AdamW (reached after warmup)."""
+    batch_size: int = 4
+    """Rows (or packed sequences) per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; the loss is averaged over all their loss tokens."""
+    max_seq_len: int = 2048
+    """Longest tokenized sequence; longer rows are truncated or skipped by the data pipeline."""
+    seed: int = 0
+    """Seed for adapter init, dropout and data shuffling; the same seed gives the same losses."""
+    save_every: int = 200
+    """Write a checkpoint every this many optimizer steps (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep under output_dir/checkpoints."""
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to `lr`; exclusive with `warmup_ratio`."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the total steps, in [0, 1); exclusive with `warmup_steps`."""
+    scheduler: Scheduler = "linear"
+    """Learning-rate decay after warmup: linear (to 0), cosine (to 0) or constant."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay, applied to matrices only (not biases or norms)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value; null disables clipping."""
+    precision: Precision = "auto"
+    """fp32, bf16 (autocast), fp16 (autocast + loss scaling), or auto: bf16 on a bf16 GPU, else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (non-reentrant) to save memory at ~30% more compute."""
+    eval_every: int | None = None
+    """Evaluate (loss, perplexity) every this many steps; null evaluates only at the end."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a lower eval loss; needs `eval_every`."""
+    log_every: int = 10
+    """Write a metrics row (loss, lr, tokens/s, memory) every this many steps."""
+    device: str | None = None
+    """torch device to train on, e.g. cuda:0 or cpu; null picks cuda when available."""
+    deterministic: bool = False
+    """Ask torch for deterministic kernels (slower on GPU; CPU runs are deterministic anyway)."""
+    tensorboard: bool = True
+    """Also log to TensorBoard under output_dir/tensorboard (skipped if tensorboard is missing)."""
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "save_every",
+                    "keep_checkpoints", "log_every")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
+        for key in ("max_steps", "eval_every", "early_stopping_patience", "max_grad_norm"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"train.{key} must be > 0 or null, got {value!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("train.early_stopping_patience needs train.eval_every (how often to evaluate)")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of `total_steps` optimizer steps."""
+        return self.warmup_steps or int(self.warmup_ratio * total_steps)

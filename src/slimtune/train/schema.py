@@ -1,0 +1,128 @@
+"""Build typed config dataclasses from plain YAML values, with errors that name the bad key.
+
+`from_mapping(cls, values, section)` checks every key against the dataclass fields (unknown keys get the
+closest valid name via difflib), coerces YAML scalars to the annotated type (PyYAML reads `1e-4` as a
+string: a float field accepts it), and then calls the constructor so `__post_init__` cross-checks run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+
+def check_keys(keys: Iterable[str], allowed: Iterable[str], section: str) -> None:
+    """Raise ValueError for the first key not in `allowed`, suggesting the closest valid one."""
+    allowed = list(allowed)
+    for key in keys:
+        if key not in allowed:
+            where = f"section '{section}'" if section else "the top level"
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(allowed))}"
+            raise ValueError(f"unknown key '{key}' in {where}{hint}")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotation of each init field of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+
+
+def from_mapping(cls: type, values: Mapping[str, Any] | None, section: str) -> Any:
+    """Instantiate dataclass `cls` from `values`, validating keys and types; `section` names it in errors."""
+    values = {} if values is None else values
+    if not isinstance(values, Mapping):
+        raise ValueError(f"section '{section}' must be a mapping of keys to values, got {values!r}")
+    types_ = field_types(cls)
+    check_keys(values, types_, section)
+    kwargs = {k: coerce(v, types_[k], f"{section}.{k}" if section else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp` (bool, int, float, str, Literal, Optional, list, tuple, dict, Any)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        return _coerce_sequence(value, tp, key)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{key} must be a mapping; got {value!r}")
+        return dict(value)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_sequence(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{key} must be a list; got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values; got {list(value)!r}")
+        return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    item = args[0] if args else Any
+    items = [coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ValueError(f"{key} must be {_name(tp)}; got {value!r}")
+
+
+def _name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}.get(
+            tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "")
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples/sets -> dicts/lists, so the result dumps as readable YAML or JSON."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        items = sorted(obj) if isinstance(obj, set | frozenset) else obj
+        return [to_plain(v) for v in items]
+    if hasattr(obj, "value") and type(obj).__module__ != "builtins" and isinstance(obj.value, str):
+        return obj.value  # enums such as TaskType
+    return obj

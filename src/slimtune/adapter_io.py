@@ -26,9 +26,13 @@ def to_file_key(key: str, adapter_name: str) -> str | None:
 
 
 def adapter_keys(full_keys: Iterable[str], adapter_name: str, extras: Iterable[str] = ()) -> dict[str, str]:
-    """{file key: in-memory key} for every tensor that belongs to the adapter."""
+    """{file key: in-memory key} for every tensor that belongs to the adapter.
+
+    `extras` are base tensors the adapter also trains (LoRA's bias='all'); like peft, a bias inside a
+    modules_to_save copy is written once more under `...modules_to_save.<param>`.
+    """
     mapping = {fk: k for k in full_keys if (fk := to_file_key(k, adapter_name)) is not None}
-    mapping.update({k: k for k in extras})
+    mapping.update({k.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save."): k for k in extras})
     return mapping
 
 
@@ -60,7 +64,8 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
 def check_and_match(file_sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                     source: str) -> None:
     """Raise ValueError unless file_sd has exactly the expected keys with the expected shapes."""
-    unknown = sorted(set(file_sd) - set(expected))
+    # peft's bias='all' also writes the frozen original of a modules_to_save module: nothing trained there
+    unknown = sorted(k for k in set(file_sd) - set(expected) if ".original_module." not in k)
     if unknown:
         raise ValueError(
             f"{source}: {len(unknown)} tensor(s) match no adapter module of this base model, e.g. "
@@ -70,6 +75,8 @@ def check_and_match(file_sd: dict[str, torch.Tensor], expected: dict[str, torch.
     if missing:
         raise ValueError(f"{source}: missing {len(missing)} adapter tensor(s), e.g. {', '.join(missing[:3])}")
     for key, tensor in file_sd.items():
+        if key not in expected:
+            continue
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the model expects "

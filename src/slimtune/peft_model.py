@@ -293,7 +293,8 @@ class PeftModel(nn.Module):
         expected = self.adapter_state_dict(adapter_name)
         adapter_io.check_and_match(file_sd, expected, source)
         for key, tensor in file_sd.items():
-            expected[key].data.copy_(tensor.to(expected[key].dtype))
+            if key in expected:
+                expected[key].data.copy_(tensor.to(expected[key].dtype))
 
     # ---- torch state-dict protocol (see Note: state_dict() is the adapter) ----------------------
     def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",

@@ -96,8 +96,8 @@ def extra_trainable(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str,
     """Biases trained by bias='all' (every bias) or 'lora_only' (the adapted layers' own biases)."""
     if config.bias == "none":
         return
-    for name, param in model.named_parameters():
-        if not name.endswith("bias") or ".adapters." in name:
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not name.endswith("bias") or ".adapters." in name or ".original_module." in name:
             continue
         if config.bias == "all" or name.endswith(".base_layer.bias"):
             yield name, param

@@ -14,6 +14,8 @@ The public API is two functions, `quantize_4bit` and `dequantize_4bit`; the stat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from slimtune.quant.codebooks import dynamic_map, get_code, sorted_code
@@ -37,9 +39,12 @@ NESTED_BLOCKSIZE = 256
 #    exactly on a midpoint goes to the lower code. FP4 holds +0 and -0; a stable sort puts +0
 #    first, so values in (-eps, 0] take the +0 nibble 0b0000 and values in (0, eps] the -0 nibble
 #    0b1000 (both dequantize to zero).
-#  * 8-bit absmax (double quant): values are divided by the block absmax, the nearest code is the
-#    lower neighbour unless the upper one is strictly closer in fp32 distance, and an all-zero
-#    block (0/0 = NaN) codes to index 0.
+#  * 8-bit absmax (double quant): values are multiplied by the fp32 reciprocal of the block absmax,
+#    mapped onto a grid of 65536 points over [-1, 1] (index = trunc(((v + 1) * 0.5) * 65535 + 0.5))
+#    and each grid point takes its nearest code. This is an approximation of nearest-code search
+#    (bitsandbytes' CPU kernel; its CUDA kernel searches exactly, so codes of values within
+#    ~1.5e-5 of a midpoint may differ from a GPU-quantized checkpoint, by one code step).
+#    An all-zero block codes to index 0.
 #  * Dequantization multiplies code * absmax in fp32 and rounds once to the output dtype.
 # Any of these differs from the CUDA kernels only on exact ties, which random weights never hit.
 
@@ -112,20 +117,34 @@ def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _quantize_blockwise_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize fp32 (N,) with the 8-bit dynamic map: (codes (N,) uint8, absmax (blocks,) fp32)."""
-    code = dynamic_map(values.device)
+    """Quantize fp32 (N,) with the 8-bit dynamic map: (codes (N,) uint8, absmax (blocks,) fp32).
+
+    See Note: matching bitsandbytes (the 65536-step grid).
+    """
     n = values.numel()
     n_blocks = -(-n // blocksize)
-    padded = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n))
-    # Padding with zeros never changes a block's absmax.
-    absmax = padded.view(n_blocks, blocksize).abs().amax(dim=1)
-    normed = (padded.view(n_blocks, blocksize) / absmax.unsqueeze(1)).reshape(-1)[:n]
-    lower = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, code.numel() - 2)
-    upper_closer = (normed - code[lower + 1]).abs() < (normed - code[lower]).abs()
-    idx = torch.where(upper_closer, lower + 1, lower)
-    idx = torch.where(normed >= code[-1], code.numel() - 1, idx)
-    idx = torch.where(torch.isnan(normed), 0, idx)
-    return idx.to(torch.uint8), absmax
+    # Zero padding never changes a block's absmax; padded codes are cut off below.
+    blocks = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    normed = (blocks * (1.0 / absmax).unsqueeze(1)).clamp(-1, 1)  # (n_blocks, blocksize)
+    normed = torch.nan_to_num(normed, nan=-1.0)  # 0 * inf in all-zero blocks; overwritten below
+    grid_index = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)  # truncation, in [0, 65535]
+    codes = _dynamic_grid_lookup(values.device)[grid_index]
+    codes = torch.where((absmax == 0).unsqueeze(1), 0, codes)  # 0/0 blocks code to index 0
+    return codes.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def _dynamic_grid_lookup(device: torch.device) -> torch.Tensor:
+    """(65536,) int64: nearest dynamic-map index for each grid point -1 + 2 i / 65535 (fp32)."""
+    return _dynamic_grid_lookup_cpu().to(device)
+
+
+@functools.cache
+def _dynamic_grid_lookup_cpu() -> torch.Tensor:
+    code = dynamic_map()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    grid = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(midpoints, grid, right=False)  # ties at a midpoint go to the lower code
 
 
 def _dequantize_blockwise_8bit(codes: torch.Tensor, state2: NestedState) -> torch.Tensor:

@@ -20,7 +20,11 @@ import torch
 
 __all__ = ["QuantState", "NestedState", "QUANT_STATE_KEYS"]
 
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 QUANT_STATE_KEYS: tuple[str, ...] = ("absmax", "quant_map")
 _NESTED_KEYS: tuple[str, ...] = ("nested_absmax", "nested_quant_map")
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
@@ -137,7 +141,9 @@ class QuantState:
             )
         quant_type = fields.get("quant_type")
         if quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"{packed_keys[0]}: quant_type {quant_type!r} is not supported; allowed: ('nf4', 'fp4')")
+            raise ValueError(
+                f"{packed_keys[0]}: quant_type {quant_type!r} is not supported; allowed: ('nf4', 'fp4')"
+            )
         state2 = None
         if "nested_offset" in fields:
             state2 = NestedState(

@@ -62,7 +62,6 @@ class PeftModel(nn.Module):
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:  # transformers < 5.2 names it is_gradient_checkpointing
             checkpointing = getattr(model, "is_gradient_checkpointing", False)
@@ -113,6 +112,7 @@ class PeftModel(nn.Module):
         get_method(config.peft_type).inject(model, config, adapter_name, self._autocast_adapter_dtype)
         self._add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
         self.peft_config[adapter_name] = config
+        self.set_adapter(self.active_adapter)  # the new adapter stays inactive and frozen
 
     def _add_modules_to_save(self, model: nn.Module, names: list[str] | None, adapter_name: str) -> None:
         if not names:
@@ -280,9 +280,6 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
         self._load_weights(directory, adapter_name)
-        layers = [m for m in self._layers()]
-        for layer in layers:  # keep the active adapter active; the new one stays frozen unless trainable
-            layer.set_active([self.active_adapter], not self.peft_config[self.active_adapter].inference_mode)
 
     def _load_weights(self, directory: Path, adapter_name: str) -> None:
         file_sd = adapter_io.read_weights(directory)

@@ -21,7 +21,7 @@ from torch import nn
 from slimtune.train.schema import check_keys
 
 # The PEFT API we build on (slimtune's own, which mirrors HF peft's names exactly).
-_PEFT_API = "peft"  # TEMP until slimtune.get_peft_model lands
+_PEFT_API = "slimtune"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,164 @@
+"""Atomic checkpoints under output_dir/checkpoints/step-N, and resuming from the newest complete one.
+
+# Note: atomic checkpoints
+Everything is written into a hidden `.tmp-step-N` folder, each file fsync'ed, then `manifest.json` is
+written *last*, and the folder is renamed to `step-N` (a rename is atomic on POSIX). A folder without a
+manifest is incomplete (a crash mid-write) and is never resumed from. Older checkpoints are pruned only
+after the new one is in place, so a crash at any moment leaves the last good checkpoint intact.
+
+Layout of one checkpoint:
+  trainable.safetensors   every trainable parameter, exact (what resume loads)
+  adapter/                the adapter in PEFT format (save_pretrained), for PEFT methods
+  optimizer.pt scheduler.pt scaler.pt rng.pt   state dicts (tensors and primitives only)
+  trainer_state.json      step, data position, shuffling seed, early stopping, metrics so far
+  manifest.json           step, file list; written last
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimtune.train.methods import trainable_parameters
+from slimtune.train.rng import rng_state, set_rng_state
+from slimtune.train.state import TrainState
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class Checkpointable:
+    """The live objects a checkpoint captures and restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    save_adapter: bool
+    """Also write the adapter with save_pretrained (PEFT methods)."""
+
+
+def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: int) -> Path:
+    """Write checkpoint `root/step-{state.step}` atomically, then keep only the newest `keep`."""
+    final = root / f"step-{state.step}"
+    if is_complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{state.step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(objs.model).items()}
+    save_file(tensors, str(tmp / "trainable.safetensors"))
+    if objs.save_adapter:
+        objs.model.save_pretrained(str(tmp / "adapter"))
+    torch.save(objs.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(objs.scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(objs.scaler.state_dict(), tmp / "scaler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=1))
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    _fsync_tree(tmp)
+    _write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT_VERSION, "step": state.step, "files": files}))
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a crashed run
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and leftovers of interrupted writes."""
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    for p in root.iterdir():
+        if p.is_dir() and (p.name.startswith(".tmp-step-") or (_STEP_DIR.match(p.name) and not is_complete(p))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, objs: Checkpointable) -> TrainState:
+    """Restore weights, optimizer, scheduler, scaler and RNG from `path`; return its TrainState."""
+    if not is_complete(path):
+        raise ValueError(f"checkpoint {path} is incomplete (no {MANIFEST})")
+    _load_trainable(path / "trainable.safetensors", objs.model)
+    device = next(objs.model.parameters()).device
+    objs.optimizer.load_state_dict(_load(path / "optimizer.pt", device))
+    objs.scheduler.load_state_dict(_load(path / "scheduler.pt", "cpu"))
+    objs.scaler.load_state_dict(_load(path / "scaler.pt", "cpu"))
+    set_rng_state(_load(path / "rng.pt", "cpu"))
+    return TrainState.from_dict(json.loads((path / "trainer_state.json").read_text()))
+
+
+def _load(path: Path, device: Any) -> Any:
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _load_trainable(path: Path, model: nn.Module) -> None:
+    saved = load_file(str(path))
+    params = trainable_parameters(model)
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise ValueError(
+            f"checkpoint {path.parent} does not match this model/method (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); resume with the config it was trained with"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            if saved[name].shape != p.shape:
+                raise ValueError(f"checkpoint {path.parent}: {name} has shape {tuple(saved[name].shape)}, "
+                                 f"the model expects {tuple(p.shape)}")
+            p.copy_(saved[name])
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for d in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

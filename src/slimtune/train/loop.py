@@ -1,0 +1,241 @@
+"""The training loop: setup, then for each optimizer step: train_step, maybe evaluate, maybe save.
+
+Trainer works on any causal LM whose trainable parameters are already chosen (PEFT-wrapped or fully
+trainable) and on tokenized rows `{"input_ids": [...], "labels": [...]}` turned into batches by
+`collate`. The loss is token-weighted over the whole accumulated step (see slimtune.train.loss), and
+the data order is a pure function of (seed, epoch) (see slimtune.train.sampler), which is what makes
+`resume` bit-exact: weights, optimizer, scheduler, scaler, RNG and data position all come back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from slimtune.train.checkpoint import Checkpointable, latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.train.config import TrainConfig
+from slimtune.train.device import autocast_dtype, model_device
+from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
+from slimtune.train.loss import count_loss_tokens, token_loss
+from slimtune.train.methods import trainable_parameters
+from slimtune.train.optim import build_optimizer, build_scheduler
+from slimtune.train.rng import seed_everything
+from slimtune.train.sampler import epoch_batches, steps_per_epoch
+from slimtune.train.state import TrainState
+
+Row = dict[str, list[int]]
+Batch = dict[str, torch.Tensor]
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped without saving."""
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_rows: Sequence[Row],
+                 eval_rows: Sequence[Row] | None, collate: Callable[[list[Row]], Batch], output_dir: Path,
+                 *, save_adapter: bool = True, progress: bool = True, console: Console | None = None):
+        if not train_rows:
+            raise ValueError("no training rows: the data file is empty or every row was skipped")
+        self.model, self.cfg, self.collate = model, cfg, collate
+        self.train_rows, self.eval_rows = train_rows, eval_rows or []
+        self.output_dir, self.show_progress = Path(output_dir), progress
+        self.console = console or Console(stderr=True)
+        self.device = model_device(model)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.params = list(trainable_parameters(model).values())
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+        optimizer = build_optimizer(self.params, cfg)
+        self.ckpt = Checkpointable(
+            model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, self.total_steps),
+            scaler=torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16),
+            save_adapter=save_adapter,
+        )
+        self.state = TrainState(data_seed=cfg.seed)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    # ----------------------------------------------------------------------------------- the run
+    def fit(self, resume: bool = False) -> TrainState:
+        """Train until max_steps/epochs or early stopping; checkpoint periodically and at the end."""
+        if resume:
+            self.resume()
+        else:
+            seed_everything(self.cfg.seed)  # dropout and the rest start from the seed, whatever ran before
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(self.output_dir, self.state.history, self.cfg.tensorboard, self.console)
+        window = _Window()
+        try:
+            with ProgressBar(self.total_steps, self.state.step, self.console, self.show_progress) as bar:
+                for group in self.groups():
+                    window.add(self.train_step(group))
+                    if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
+                        self.record(window.row(self.state, self.device), log, bar)
+                        window = _Window()
+                    bar.advance_to(self.state.step)
+                    if self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
+                        self.record(self.evaluate(), log, bar)
+                    if self.state.stop_reason or self.state.step >= self.total_steps:
+                        break
+                    if self.state.step % self.cfg.save_every == 0:
+                        self.save()
+                if self.eval_rows and self.state.last("eval_step") != self.state.step:
+                    self.record(self.evaluate(), log, bar)
+                self.save()
+        finally:
+            log.close()
+        return self.state
+
+    def groups(self) -> Iterator[list[Batch]]:
+        """Accumulation groups of collated micro-batches, from the current data position onwards."""
+        s, cfg = self.state, self.cfg
+        while True:
+            batches = epoch_batches(len(self.train_rows), cfg.batch_size, s.data_seed, s.epoch)
+            while s.batch_in_epoch < len(batches):
+                chunk = batches[s.batch_in_epoch : s.batch_in_epoch + cfg.grad_accum]
+                yield [self.collate([self.train_rows[i] for i in idx]) for idx in chunk]
+            s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------- step
+    def train_step(self, group: list[Batch]) -> dict[str, float]:
+        """One optimizer step over `group`; loss = sum of token losses / loss tokens in the group."""
+        loss_sum_value, n_loss_tokens = self.backward(group)
+        if not math.isfinite(loss_sum_value):
+            raise TrainingDiverged(self.diverged_message(loss_sum_value / n_loss_tokens))
+        lr = self.ckpt.optimizer.param_groups[0]["lr"]
+        grad_norm = self.optimizer_step()
+        self.state.step += 1
+        self.state.batch_in_epoch += len(group)
+        tokens = sum(_input_tokens(b) for b in group)
+        self.state.tokens_seen += tokens
+        return {"loss_sum": loss_sum_value, "loss_tokens": n_loss_tokens, "tokens": tokens,
+                "grad_norm": grad_norm, "lr": lr}
+
+    def backward(self, group: list[Batch]) -> tuple[float, int]:
+        """Accumulate grads of (sum of token losses / loss tokens in the whole group); return both."""
+        self.model.train()
+        n_loss_tokens = max(1, int(sum(count_loss_tokens(b["labels"]) for b in group)))
+        total = torch.zeros((), device=self.device)
+        for batch in group:
+            with self.autocast():
+                loss_sum, _ = token_loss(self.forward(batch), batch["labels"])
+            self.ckpt.scaler.scale(loss_sum / n_loss_tokens).backward()
+            total += loss_sum.detach()
+        return total.item(), n_loss_tokens
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+        return self.model(**inputs, use_cache=False).logits
+
+    def optimizer_step(self) -> float:
+        scaler, optimizer = self.ckpt.scaler, self.ckpt.optimizer
+        scaler.unscale_(optimizer)
+        max_norm = self.cfg.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        scaler.step(optimizer)
+        scaler.update()
+        self.ckpt.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_and_allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
+        if callable(update_and_allocate):  # AdaLoRA re-allocates ranks after each step
+            update_and_allocate(self.state.step)
+        return grad_norm
+
+    def autocast(self) -> Any:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def diverged_message(self, loss: float) -> str:
+        last = latest_checkpoint(self.checkpoint_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return (f"loss is {loss} at step {self.state.step + 1}: training diverged and stopped; {kept}. "
+                "Try a lower train.lr, train.max_grad_norm, or train.precision bf16/fp32")
+
+    # --------------------------------------------------------------------------------- evaluate
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Token-weighted eval loss and perplexity over all eval rows; updates early stopping."""
+        self.model.eval()
+        loss_sum, n_tokens = 0.0, 0
+        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
+            batch = self.collate(list(self.eval_rows[i : i + self.cfg.batch_size]))
+            with self.autocast():
+                s, n = token_loss(self.forward(batch), batch["labels"])
+            loss_sum, n_tokens = loss_sum + s.item(), n_tokens + int(n)
+        self.model.train()
+        eval_loss = loss_sum / max(1, n_tokens)
+        self.update_early_stopping(eval_loss)
+        return {"step": self.state.step, "eval_step": self.state.step, "eval_loss": eval_loss,
+                "eval_ppl": math.exp(min(eval_loss, 700.0)), "eval_tokens": n_tokens}
+
+    def update_early_stopping(self, eval_loss: float) -> None:
+        s = self.state
+        if s.best_eval_loss is None or eval_loss < s.best_eval_loss:
+            s.best_eval_loss, s.best_step, s.evals_without_improvement = eval_loss, s.step, 0
+            return
+        s.evals_without_improvement += 1
+        patience = self.cfg.early_stopping_patience
+        if patience is not None and s.evals_without_improvement >= patience:
+            s.stop_reason = "early_stopping"
+
+    def record(self, row: dict[str, Any], log: MetricsLog, bar: ProgressBar) -> None:
+        self.state.history.append(row)
+        log.write(row)
+        if "loss" in row:
+            bar.update(self.state.step, row)
+        if "eval_loss" in row:
+            bar.print(f"step {row['step']}: eval loss {row['eval_loss']:.4f}  ppl {row['eval_ppl']:.2f}")
+        if self.state.stop_reason == "early_stopping" and "eval_loss" in row:
+            bar.print(f"early stopping: no better eval loss in {self.cfg.early_stopping_patience} evaluations")
+
+    # ------------------------------------------------------------------------------------- save
+    def save(self) -> Path:
+        return save_checkpoint(self.checkpoint_dir, self.ckpt, self.state, self.cfg.keep_checkpoints)
+
+    def resume(self) -> Path:
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            raise ValueError(f"--resume: no complete checkpoint under {self.checkpoint_dir}")
+        self.state = load_checkpoint(path, self.ckpt)
+        self.console.print(f"resuming from {path} (step {self.state.step})")
+        return path
+
+
+class _Window:
+    """Sums over the steps since the last metrics row."""
+
+    def __init__(self) -> None:
+        self.loss_sum, self.loss_tokens, self.tokens, self.grad_norm, self.lr = 0.0, 0, 0, 0.0, 0.0
+        self.start = time.perf_counter()
+
+    def add(self, m: dict[str, float]) -> None:
+        self.loss_sum += m["loss_sum"]
+        self.loss_tokens += int(m["loss_tokens"])
+        self.tokens += int(m["tokens"])
+        self.grad_norm, self.lr = m["grad_norm"], m["lr"]
+
+    def row(self, state: TrainState, device: torch.device) -> dict[str, Any]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"step": state.step, "epoch": state.epoch, "loss": self.loss_sum / max(1, self.loss_tokens),
+                "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": self.tokens / elapsed,
+                "tokens_seen": state.tokens_seen, "memory_gb": round(memory_gb(device), 3)}
+
+
+def _input_tokens(batch: Batch) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()

@@ -1,0 +1,203 @@
+"""The training loop on a tiny random Llama + LoRA: accumulation, determinism, resume, NaN, schedules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import build_llama, pad_collate, random_rows
+
+from slimtune.train.checkpoint import latest_checkpoint, list_checkpoints
+from slimtune.train.config import TrainConfig
+from slimtune.train.loop import Trainer, TrainingDiverged
+from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
+from slimtune.train.optim import lr_factor
+from slimtune.train.rng import seed_everything
+
+
+def make_trainer(tmp: Path, rows: list, eval_rows: list | None = None, seed: int = 0, dropout: float = 0.1,
+                 **train: object) -> Trainer:
+    cfg = TrainConfig(**{"batch_size": 2, "max_steps": 6, "log_every": 1, "save_every": 2, "seed": seed,
+                         "lr": 1e-2, "tensorboard": False, **train})
+    seed_everything(cfg.seed)
+    peft = build_peft_config("lora", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
+                                      "lora_dropout": dropout, "init_lora_weights": False})
+    model = prepare_model(build_llama(None), "lora", peft, gradient_checkpointing=False)
+    return Trainer(model, cfg, rows, eval_rows, pad_collate, tmp, progress=False)
+
+
+def losses(tmp: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (tmp / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def adapter_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}
+
+
+def test_grad_accum_matches_one_big_batch_with_uneven_lengths(tmp_path: Path) -> None:
+    rows = random_rows(4)
+    assert len({len(r["input_ids"]) for r in rows}) == 4
+    big = make_trainer(tmp_path / "a", rows, dropout=0.0, batch_size=4)
+    small = make_trainer(tmp_path / "b", rows, dropout=0.0, batch_size=1, grad_accum=4)
+    loss_big, n_big = big.backward([pad_collate(rows)])
+    loss_small, n_small = small.backward([pad_collate([r]) for r in rows])
+    assert n_big == n_small == sum(len(r["input_ids"]) - 2 for r in rows)
+    assert loss_big == pytest.approx(loss_small, rel=1e-6)
+    grads_big = {n: p.grad for n, p in trainable_parameters(big.model).items()}
+    grads_small = {n: p.grad for n, p in trainable_parameters(small.model).items()}
+    assert len(grads_big) == 28  # 7 projections x 2 layers x (A, B)
+    for name, g in grads_big.items():
+        assert g.abs().max() > 0
+        torch.testing.assert_close(grads_small[name], g, atol=1e-6, rtol=0, msg=name)
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path: Path) -> None:
+    rows = random_rows(8)
+    runs = [make_trainer(tmp_path / name, rows, seed=seed) for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    for t in runs:
+        t.fit()
+    a, b, c = (losses(tmp_path / n) for n in "abc")
+    assert len(a) == 6 and a == b
+    assert a != c
+
+
+def test_resume_after_crash_is_bit_identical(tmp_path: Path) -> None:
+    rows = random_rows(7)  # odd: the last micro-batch of each epoch is short
+    full = make_trainer(tmp_path / "full", rows, grad_accum=2, max_steps=5)
+    full.fit()
+    crashed = make_trainer(tmp_path / "run", rows, grad_accum=2, max_steps=5)
+    calls = {"n": 0}
+
+    def crash_on_step_4(module: torch.nn.Module, args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 7:  # 2 micro-batches per step: the 7th forward is inside step 4
+            raise KeyboardInterrupt
+
+    crashed.model.register_forward_pre_hook(crash_on_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        crashed.fit()
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-2"]
+    resumed = make_trainer(tmp_path / "run", rows, grad_accum=2, max_steps=5)
+    state = resumed.fit(resume=True)
+    assert state.step == 5
+    expected, got = adapter_tensors(full), adapter_tensors(resumed)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-5" / "trainable.safetensors"))
+    assert all(torch.equal(saved[n], expected[n]) for n in expected)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path, random_rows(8))
+    calls = {"n": 0}
+
+    def nan_on_step_3(module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] == 3 else output
+
+    trainer.model.base_model.model.model.norm.register_forward_hook(nan_on_step_3)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3.*step-2"):
+        trainer.fit()
+    last = latest_checkpoint(tmp_path / "checkpoints")
+    assert last is not None and last.name == "step-2"
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["step"] == 2
+    saved = load_file(str(last / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_checkpoint_contents_keep_last_two_and_load_weights_only(tmp_path: Path) -> None:
+    make_trainer(tmp_path, random_rows(8), max_steps=6, save_every=2).fit()
+    names = [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+    assert names == ["step-4", "step-6"]
+    ckpt = tmp_path / "checkpoints" / "step-6"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["step"] == 6
+    assert {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt",
+            "trainer_state.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(
+        manifest["files"])
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert len(opt["state"]) == 28
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    assert set(rng) == {"python", "numpy", "torch", "cuda"}
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"], state["data_seed"]) == (1, 2, 0)
+
+
+def test_incomplete_checkpoint_is_ignored(tmp_path: Path) -> None:
+    make_trainer(tmp_path, random_rows(8), max_steps=2).fit()
+    fake = tmp_path / "checkpoints" / "step-9"
+    fake.mkdir()
+    (fake / "trainable.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-2"
+
+
+def test_eval_rows_and_early_stopping(tmp_path: Path) -> None:
+    rows = random_rows(8)
+    trainer = make_trainer(tmp_path, rows, eval_rows=random_rows(3, seed=5), eval_every=2, max_steps=6)
+    trainer.fit()
+    evals = [r for r in trainer.state.history if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    assert all(r["eval_ppl"] == pytest.approx(torch.tensor(r["eval_loss"]).exp().item()) for r in evals)
+    trainer.state.best_eval_loss, trainer.state.evals_without_improvement = None, 0
+    trainer.cfg.early_stopping_patience = 2
+    for value, stop in ((3.0, None), (2.5, None), (2.6, None), (2.5, "early_stopping")):
+        trainer.update_early_stopping(value)
+        assert trainer.state.stop_reason == stop
+    assert trainer.state.best_eval_loss == 2.5
+
+
+def test_early_stopping_ends_the_run(tmp_path: Path) -> None:
+    rows = random_rows(8)
+    # lr 0 -> eval loss never improves after the first evaluation
+    trainer = make_trainer(tmp_path, rows, eval_rows=random_rows(3, seed=5), eval_every=1, max_steps=20,
+                           early_stopping_patience=2, scheduler="constant", lr=1e-12, dropout=0.0)
+    state = trainer.fit()
+    assert state.stop_reason == "early_stopping"
+    assert state.step == 3
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-3"
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]), ("constant", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+     ("cosine", [0.0, 0.5, 1.0, 0.8535534, 0.5, 0.1464466])],
+)
+def test_schedules_with_warmup(kind: str, expected: list[float]) -> None:
+    got = [lr_factor(step, warmup=2, total=6, kind=kind) for step in range(6)]
+    assert got == pytest.approx(expected, abs=1e-6)
+
+
+def test_logged_lr_follows_schedule(tmp_path: Path) -> None:
+    make_trainer(tmp_path, random_rows(8), max_steps=4, warmup_steps=2, lr=1e-3).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 5e-4, 1e-3, 5e-4])
+    assert all(r["tokens_per_s"] > 0 and r["memory_gb"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(tmp_path: Path, precision: str) -> None:
+    rows = random_rows(8)
+    make_trainer(tmp_path / "fp32", rows, max_steps=3, dropout=0.0).fit()
+    trainer = make_trainer(tmp_path / precision, rows, max_steps=3, dropout=0.0, precision=precision)
+    trainer.fit()
+    assert trainer.ckpt.scaler.is_enabled() == (precision == "fp16")
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert losses(tmp_path / precision) == pytest.approx(losses(tmp_path / "fp32"), rel=2e-2)
+
+
+def test_gradient_checkpointing_gives_same_grads(tmp_path: Path) -> None:
+    rows = random_rows(4)
+    plain = make_trainer(tmp_path / "a", rows, dropout=0.0)
+    seed_everything(0)
+    peft = build_peft_config("lora", {"r": 4, "target_modules": "all-linear", "init_lora_weights": False})
+    model = prepare_model(build_llama(None), "lora", peft, gradient_checkpointing=True)
+    assert model.base_model.model.is_gradient_checkpointing
+    ckpt = Trainer(model, plain.cfg, rows, None, pad_collate, tmp_path / "b", progress=False)
+    plain.backward([pad_collate(rows)])
+    ckpt.backward([pad_collate(rows)])
+    for (name, p), q in zip(trainable_parameters(plain.model).items(), ckpt.params):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -1,0 +1,231 @@
+"""Row formats -> one canonical form, and format detection.
+
+Canonical form (a `Sample`): `messages`, a list of turns `{"role": "system"|"user"|"assistant",
+"content": str}`, or, for plain-text rows, `text` (trained on every token, no template). A user turn
+made from an alpaca/Belle row with a non-empty `input` also carries `"input": str` so the alpaca
+template can print its "### Input:" section; every other template sees `content + "\\n\\n" + input`
+(see `templates.merge_inputs`).
+
+Formats (keys of one row):
+  alpaca    instruction, output; optional input, system, history [[query, answer], ...]
+  belle     instruction, output, optional input (BelleGroup train_0.5M/1M/2M_CN). Multi-turn
+            (BelleGroup multiturn_chat_0.8M): instruction holds "Human: ...\\nAssistant: ...\\n
+            Human: ...\\nAssistant:" and output the last answer; rows with `conversations` (train_3.5M_CN)
+            are read like ShareGPT.
+  sharegpt  conversations: [{from: human|gpt|system, value}], optional top-level system
+  messages  messages: [{role: system|user|assistant, content}] (OpenAI chat style)
+  text      text
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from slimtune.data.validation import RowError, check_text, validate_conversation
+
+Turn = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable row: where it came from, and either a conversation or a plain text."""
+
+    where: str
+    messages: list[Turn] = field(default_factory=list)
+    text: str | None = None
+
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+"""ShareGPT `from` values we accept and the canonical role each maps to."""
+
+_BELLE_MARK = re.compile(r"(?:^|\n)\s*(Human|Assistant)\s*[:：]")
+
+
+def _opt_text(row: dict, key: str, where: str) -> str:
+    """An optional string field: missing/None/NaN (CSV, Parquet) read as ""."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return check_text(value, where, key, allow_empty=True)
+
+
+def _list_field(row: dict, key: str, where: str, required: bool) -> list:
+    """A list field; CSV cells hold it as a JSON string, which is decoded here."""
+    value = row.get(key)
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        if required:
+            raise RowError(where, key, f"is missing; a list is required (row keys: {sorted(row)})")
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise RowError(where, key, f"a string that is not a JSON list ({exc.msg})") from None
+    if hasattr(value, "tolist"):  # numpy arrays from pandas-backed readers
+        value = value.tolist()
+    if not isinstance(value, list):
+        raise RowError(where, key, f"expected a list, got {type(value).__name__}")
+    return value
+
+
+def _require(row: dict, key: str, where: str) -> str:
+    if key not in row or row[key] is None:
+        raise RowError(where, key, f"is missing; this format needs it (row keys: {sorted(row)})")
+    return check_text(row[key], where, key)
+
+
+def _user_turn(instruction: str, extra_input: str) -> Turn:
+    turn = {"role": "user", "content": instruction}
+    if extra_input.strip():
+        turn["input"] = extra_input
+    return turn
+
+
+def from_alpaca(row: dict, where: str) -> Sample:
+    instruction = _require(row, "instruction", where)
+    output = _require(row, "output", where)
+    messages: list[Turn] = []
+    system = _opt_text(row, "system", where)
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, pair in enumerate(_list_field(row, "history", where, required=False)):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowError(where, f"history[{i}]", f"expected a [query, answer] pair, got {pair!r:.60}")
+        messages.append({"role": "user", "content": check_text(pair[0], where, f"history[{i}][0]")})
+        messages.append({"role": "assistant", "content": check_text(pair[1], where, f"history[{i}][1]")})
+    messages.append(_user_turn(instruction, _opt_text(row, "input", where)))
+    messages.append({"role": "assistant", "content": output})
+    return Sample(where, messages)
+
+
+def _belle_dialogue(instruction: str, where: str) -> list[Turn]:
+    """Split Belle's "Human: ...\\nAssistant: ..." history into turns (the last Assistant is empty)."""
+    marks = list(_BELLE_MARK.finditer(instruction))
+    if instruction[: marks[0].start()].strip():
+        raise RowError(where, "instruction", "text before the first 'Human:' marker in a multi-turn Belle row")
+    turns: list[Turn] = []
+    for k, mark in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(instruction)
+        role = "user" if mark.group(1) == "Human" else "assistant"
+        turns.append({"role": role, "content": instruction[mark.end() : end].strip()})
+    if turns[-1]["role"] == "assistant" and not turns[-1]["content"]:
+        turns.pop()
+    if turns[-1]["role"] != "user":
+        raise RowError(where, "instruction", "a multi-turn Belle instruction must end with 'Human: ...' (then 'Assistant:')")
+    return turns
+
+
+def from_belle(row: dict, where: str) -> Sample:
+    if "conversations" in row and "instruction" not in row:
+        return from_sharegpt(row, where)
+    instruction = _require(row, "instruction", where)
+    output = _require(row, "output", where)
+    if not _BELLE_MARK.match(instruction):
+        return Sample(where, [_user_turn(instruction, _opt_text(row, "input", where)), {"role": "assistant", "content": output}])
+    messages = _belle_dialogue(instruction, where)
+    last = messages[-1]
+    messages[-1] = _user_turn(last["content"], _opt_text(row, "input", where))
+    messages.append({"role": "assistant", "content": output})
+    return Sample(where, messages)
+
+
+def from_sharegpt(row: dict, where: str) -> Sample:
+    turns = _list_field(row, "conversations", where, required=True)
+    messages: list[Turn] = []
+    system = _opt_text(row, "system", where)
+    if system.strip():
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        name = f"conversations[{i}]"
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RowError(where, name, f"expected an object with 'from' and 'value', got {turn!r:.60}")
+        source = turn["from"]
+        if source not in SHAREGPT_ROLES:
+            raise RowError(where, f"{name}.from", f"unknown speaker {source!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[source], "content": check_text(turn["value"], where, f"{name}.value")})
+    return Sample(where, messages)
+
+
+def from_messages(row: dict, where: str) -> Sample:
+    turns = _list_field(row, "messages", where, required=True)
+    messages: list[Turn] = []
+    for i, turn in enumerate(turns):
+        name = f"messages[{i}]"
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise RowError(where, name, f"expected an object with 'role' and 'content', got {turn!r:.60}")
+        messages.append({"role": turn["role"], "content": check_text(turn["content"], where, f"{name}.content")})
+    return Sample(where, messages)
+
+
+def from_text(row: dict, where: str) -> Sample:
+    return Sample(where, text=_require(row, "text", where))
+
+
+CONVERTERS: dict[str, Callable[[dict, str], Sample]] = {
+    "alpaca": from_alpaca,
+    "belle": from_belle,
+    "sharegpt": from_sharegpt,
+    "messages": from_messages,
+    "text": from_text,
+}
+"""Format name -> row converter. Adding a format is adding a function and a line here."""
+
+
+def to_sample(row: object, fmt: str, where: str) -> Sample:
+    """Convert and validate one raw row; raises RowError naming `where` and the field."""
+    if not isinstance(row, dict):
+        raise RowError(where, "<row>", f"expected a JSON object / table row, got {type(row).__name__}")
+    sample = CONVERTERS[fmt](row, where)
+    if sample.text is None:
+        validate_conversation(sample.messages, where)
+    return sample
+
+
+def row_format(row: dict) -> str | None:
+    """The format one row's keys point to, or None."""
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row and "output" in row:
+        instruction = row["instruction"]
+        return "belle" if isinstance(instruction, str) and _BELLE_MARK.match(instruction) else "alpaca"
+    if "text" in row:
+        return "text"
+    return None
+
+
+def detect_format(rows: list[tuple[str, dict]]) -> str:
+    """Detect the format from the first rows (where, row). Belle single-turn rows read as alpaca;
+    a mix of alpaca and Belle multi-turn rows is Belle (it reads both)."""
+    if not rows:
+        raise ValueError("cannot detect the data format: no readable rows")
+    found: dict[str, str] = {}
+    for where, row in rows:
+        fmt = row_format(row) if isinstance(row, dict) else None
+        if fmt is None:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(
+                f"{where}: cannot detect the data format from keys {keys}; expected 'messages' (messages), "
+                "'conversations' (sharegpt), 'instruction'+'output' (alpaca/belle) or 'text' (text); "
+                "or set data.format explicitly"
+            )
+        found.setdefault(fmt, where)
+    kinds = set(found)
+    if kinds == {"alpaca", "belle"}:
+        return "belle"
+    if len(kinds) > 1:
+        detail = ", ".join(f"{fmt} at {where}" for fmt, where in found.items())
+        raise ValueError(f"rows of different formats in one dataset ({detail}); use one format per file")
+    return kinds.pop()

@@ -1,0 +1,109 @@
+"""Samples -> token examples `{"input_ids": list[int], "labels": list[int]}` with loss masks.
+
+Labels follow the HF convention: aligned with input_ids (the model shifts them), -100 where no
+loss is taken. By default only assistant turns carry loss — every assistant turn of a multi-turn
+chat, including its end-of-turn token (<|im_end|>, eos, ...), so the model learns to stop.
+
+# Note: per-turn masks from any chat template
+A chat template is a black box that renders a whole conversation. We render it incrementally: for
+assistant turn i, P_i = render(turns[:i], add_generation_prompt=True) is the prompt up to the
+answer, F_i = render(turns[:i+1]) is the prompt plus the answer. The answer's text is F_i minus P_i,
+and we require F_{i-1} to be a prefix of P_i and P_i a prefix of F_i (string prefixes); a template
+that rewrites earlier turns (e.g. one that drops past reasoning) fails with a clear error. The full
+text is then tokenized once, with offsets, and each token takes the role of the segment its first
+character lies in: tokenization is exactly what inference sees (no seams between segments), even
+where BPE merges across a boundary. Slow tokenizers (no offsets) encode segment by segment.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+from slimtune.data.formats import Sample, Turn
+from slimtune.data.templates import ChatTemplate, render
+
+IGNORE_INDEX = -100
+Example = dict[str, list[int]]
+
+
+class TemplateError(ValueError):
+    """The chat template cannot be split into per-turn segments (not the data's fault)."""
+
+
+def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn]) -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive (text, is_assistant) pieces; see Note above."""
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prompt = render(tokenizer, template, messages[:i], add_generation_prompt=True)
+        full = render(tokenizer, template, messages[: i + 1])
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise TemplateError(
+                f"chat template {template.name!r} does not render turn by turn: the rendering of the first "
+                f"{i if not prompt.startswith(done) else i + 1} turns is not a prefix of the longer one, so loss "
+                "masks cannot be placed; use a built-in template (data.template: chatml, alpaca, ...)"
+            )
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    whole = render(tokenizer, template, messages)
+    if not whole.startswith(done):
+        raise TemplateError(f"chat template {template.name!r} renders the whole conversation differently from its turns")
+    if len(whole) > len(done):
+        pieces.append((whole[len(done) :], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def tokenize_segments(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt: bool) -> Example:
+    """Token ids and labels for rendered pieces; special tokens come from the text, none are added."""
+    if not getattr(tokenizer, "is_fast", False):
+        return _tokenize_piecewise(tokenizer, pieces, train_on_prompt)
+    text = "".join(piece for piece, _ in pieces)
+    starts, offset = [], 0
+    for piece, _ in pieces:
+        starts.append(offset)
+        offset += len(piece)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    labels = []
+    for token_id, (begin, _end) in zip(ids, encoded["offset_mapping"], strict=True):
+        trained = pieces[max(bisect_right(starts, begin) - 1, 0)][1]
+        labels.append(token_id if trained or train_on_prompt else IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels}
+
+
+def _tokenize_piecewise(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt: bool) -> Example:
+    ids: list[int] = []
+    labels: list[int] = []
+    for piece, trained in pieces:
+        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        labels += piece_ids if trained or train_on_prompt else [IGNORE_INDEX] * len(piece_ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_text(tokenizer, text: str) -> Example:
+    """Plain text: the tokenizer's own special tokens (e.g. bos), eos appended, loss everywhere."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenize_sample(sample: Sample, tokenizer, template: ChatTemplate, max_seq_len: int, train_on_prompt: bool = False) -> tuple[Example, int]:
+    """One sample -> (example truncated to `max_seq_len`, number of tokens cut off)."""
+    if sample.text is not None:
+        example = tokenize_text(tokenizer, sample.text)
+    else:
+        example = tokenize_segments(tokenizer, render_segments(tokenizer, template, sample.messages), train_on_prompt)
+    dropped = max(len(example["input_ids"]) - max_seq_len, 0)
+    if dropped:
+        example = {key: values[:max_seq_len] for key, values in example.items()}
+    return example, dropped
+
+
+def loss_tokens(example: Example) -> int:
+    """How many labels carry loss."""
+    return sum(1 for label in example["labels"] if label != IGNORE_INDEX)

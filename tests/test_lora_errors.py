@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import TINY_MODELS
 
 import slimtune
+from tiny_models import TINY_MODELS
 
 LLAMA = TINY_MODELS["llama"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from tiny_models import TINY_MODELS, logits
 
 import slimtune
+from tiny_models import TINY_MODELS, logits
 
 LLAMA = TINY_MODELS["llama"]
 

@@ -9,9 +9,9 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import TINY_MODELS, logits
 
 import slimtune
+from tiny_models import TINY_MODELS, logits
 
 CASES = {
     "lora": dict(r=4, lora_alpha=8),

@@ -35,14 +35,19 @@ _PREFIX = "base_model.model."
 
 
 class AdaptedModel(nn.Module):
-    """The tuner layer of peft's layout (`peft_model.base_model.model` is the transformers model)."""
+    """The tuner layer of peft's layout (`peft_model.base_model.model` is the transformers model).
+
+    Calling it runs the transformers model's backbone (`model.base_model`, e.g. LlamaModel), as calling
+    `base_model` does on any PreTrainedModel: TRL's SFTTrainer patches the forward of the model it is
+    given and reads hidden states from `self.base_model(...)` to compute its chunked loss.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        return getattr(self.model, "base_model", self.model)(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -69,8 +74,18 @@ class PeftModel(nn.Module):
             model.enable_input_require_grads()  # frozen embeddings + checkpointing still need input grads
 
     # ---- pass-through ---------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model()(*args, **kwargs)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """The base model's forward. The named arguments are spelled out (as in peft) because
+        transformers.Trainer keeps only dataset columns that appear in this signature."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                     labels=labels, position_ids=position_ids, token_type_ids=token_type_ids,
+                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(**kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().generate(*args, **kwargs)
@@ -271,7 +286,7 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         peft_model._load_weights(directory, adapter_name)
-        return peft_model
+        return peft_model if is_trainable else peft_model.eval()
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None, revision: str | None = None, **kwargs: Any) -> None:

@@ -82,7 +82,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
         device, dtype = _adapter_dtype(layer.base_layer, autocast_adapter_dtype)
         if config.use_dora:
             adapter.init_dora(layer.base_weight().to(device))
-        layer.add(adapter_name, adapter.to(device=device, dtype=dtype))
+        layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
 
 
 def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) -> None:

@@ -49,6 +49,10 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.model, "base_model", self.model)(*args, **kwargs)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """peft's spelling (`model.base_model.update_and_allocate(step)`); see PeftModel.update_and_allocate."""
+        self._peft_owner.update_and_allocate(global_step)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -63,6 +67,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         self.base_model = AdaptedModel(model)
+        self.base_model.__dict__["_peft_owner"] = self  # a back-reference, not a submodule
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
@@ -85,7 +90,21 @@ class PeftModel(nn.Module):
                      labels=labels, position_ids=position_ids, token_type_ids=token_type_ids,
                      decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
         kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(**kwargs)
+        outputs = self.get_base_model()(**kwargs)
+        extra = self._spec(self.active_adapter).extra_loss
+        if extra is not None and self.training and getattr(outputs, "loss", None) is not None:
+            outputs.loss = outputs.loss + extra(self.get_base_model(), self.peft_config[self.active_adapter],
+                                                self.active_adapter)
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Per-step bookkeeping of methods that need it (AdaLoRA's rank allocation); a no-op otherwise.
+        slimtune's loop calls it after every optimizer step; with transformers.Trainer use
+        slimtune's callback (see the method's docs)."""
+        for name, config in self.peft_config.items():
+            hook = get_method(config.peft_type).on_step
+            if hook is not None and not config.inference_mode:
+                hook(self.get_base_model(), config, name, global_step)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.get_base_model().generate(*args, **kwargs)

@@ -14,12 +14,18 @@ from typing import TYPE_CHECKING
 from slimtune.config import PeftType
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from slimtune.config import PeftConfig
 
 _METHOD_MODULES: dict[PeftType, str] = {
     PeftType.LORA: "slimtune.methods.lora",
+    PeftType.IA3: "slimtune.methods.ia3",
+    PeftType.ADALORA: "slimtune.methods.adalora",
+    PeftType.PROMPT_TUNING: "slimtune.methods.prompt_tuning",
+    PeftType.PREFIX_TUNING: "slimtune.methods.prefix_tuning",
+    PeftType.P_TUNING: "slimtune.methods.p_tuning",
 }
 
 
@@ -34,11 +40,15 @@ class MethodSpec:
     """model_type -> target module names used when the config gives none."""
     extra_trainable: Callable[[nn.Module, PeftConfig], Iterator[tuple[str, nn.Parameter]]] | None = None
     """Base parameters the config also trains and saves (e.g. LoRA's bias='all'), by state-dict name."""
+    on_step: Callable[[nn.Module, PeftConfig, str, int], None] | None = None
+    """on_step(model, config, adapter_name, global_step): called after each optimizer step (AdaLoRA's allocator)."""
+    extra_loss: Callable[[nn.Module, PeftConfig, str], torch.Tensor] | None = None
+    """A regularization term added to the model's loss in training (AdaLoRA's orthogonality penalty)."""
 
 
 def get_method(peft_type: PeftType) -> MethodSpec:
     """The MethodSpec for a peft_type, importing its module on first use."""
-    if peft_type not in _METHOD_MODULES:
-        allowed = ", ".join(t.value for t in _METHOD_MODULES)
-        raise ValueError(f"peft_type {peft_type.value!r} is not available in slimtune yet; available: {allowed}")
-    return importlib.import_module(_METHOD_MODULES[peft_type]).METHOD
+    try:
+        return importlib.import_module(_METHOD_MODULES[peft_type]).METHOD
+    except (KeyError, ModuleNotFoundError):
+        raise ValueError(f"peft_type {peft_type.value!r} is not available in slimtune yet") from None

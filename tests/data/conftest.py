@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
@@ -63,8 +60,3 @@ def bos_tok(bpe_json):
 def chatml_tok(bpe_json):
     """A tokenizer with its own ChatML chat template (like SmolLM2 / Qwen)."""
     return _wrap(bpe_json, CHATML_JINJA, add_bos=False)
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path

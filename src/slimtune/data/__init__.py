@@ -9,7 +9,7 @@ from slimtune.data.config import DataConfig
 from slimtune.data.formats import Sample, detect_format, to_sample
 from slimtune.data.inspect import InspectReport, inspect_data
 from slimtune.data.packing import length_grouped_batches, pack_examples
-from slimtune.data.pipeline import Datasets, DataStats, build_datasets
+from slimtune.data.pipeline import Datasets, DataStats, build_datasets, load_samples
 from slimtune.data.templates import ChatTemplate, render, resolve_template
 from slimtune.data.tokenize import IGNORE_INDEX, TemplateError, tokenize_sample
 from slimtune.data.tokenizer_setup import eot_token_ids, prepare_tokenizer, save_tokenizer_for_run
@@ -32,6 +32,7 @@ __all__ = [
     "eot_token_ids",
     "inspect_data",
     "length_grouped_batches",
+    "load_samples",
     "pack_examples",
     "prepare_tokenizer",
     "render",

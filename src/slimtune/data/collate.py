@@ -5,7 +5,9 @@ get one of two attention layouts, chosen by `packed_attention`:
   position_ids  no attention_mask; position_ids restart at 0 for each sample (pads: 0 each, so
                 every pad is its own one-token sample). transformers finds the sample boundaries from
                 them and builds the block-diagonal causal mask (sdpa/eager/flex), and flash-attention
-                turns them into cu_seq_lens.
+                turns them into cu_seq_lens. The forward must run with use_cache=False (as training
+                does): with a KV cache, transformers skips this detection and samples would see
+                each other.
   4d_mask       an explicit additive mask (B, 1, T, T): 0 where query t may see key s (same sample,
                 s <= t), the dtype's min elsewhere. transformers passes 4D masks through unchanged.
                 Its dtype must match the model's for sdpa (`mask_dtype`).

@@ -57,8 +57,9 @@ class DataConfig:
 
     packed_attention: str = "position_ids"
     """How packed rows keep samples apart: position_ids (restarting per sample; transformers builds
-    the block-diagonal mask, flash-attention uses them as cu_seq_lens) or 4d_mask (an explicit
-    (B, 1, T, T) additive block-diagonal causal mask, for eager/sdpa)."""
+    the block-diagonal mask, flash-attention uses them as cu_seq_lens; the forward must use
+    use_cache=False) or 4d_mask (an explicit (B, 1, T, T) additive block-diagonal causal mask in
+    the model's dtype, for eager/sdpa)."""
 
     group_by_length: bool = False
     """Without packing: batch examples of similar length together (less padding)."""

@@ -86,14 +86,10 @@ def build_datasets(cfg: DataConfig, tokenizer, max_seq_len: int, seed: int) -> D
     if cfg.path.startswith(BUILTIN_PREFIX) and eval_path is None:
         shipped_eval = builtin_dataset_files(cfg.path)[1]
         eval_path = str(shipped_eval) if shipped_eval else None
-    train_rows = read_rows(train_path, cfg.max_rows, cfg.hub_split, cfg.hub_subset)
-    eval_rows = read_rows(eval_path, None, cfg.hub_split, cfg.hub_subset) if eval_path else []
-    stats.rows_read = len(train_rows) + len(eval_rows)
-    fmt = _choose_format(cfg.format, train_rows)
+    train, fmt = load_samples(train_path, cfg, skips, max_rows=cfg.max_rows)
+    evals, _ = load_samples(eval_path, cfg, skips) if eval_path else ([], fmt)
     stats.format = fmt
-
-    train = _samples(train_rows, fmt, cfg, skips)
-    evals = _samples(eval_rows, fmt, cfg, skips)
+    stats.rows_read = skips.rows_read
     stats.rows_skipped, stats.skip_reasons = skips.count, skips.reasons
     rng = random.Random(seed)
     if cfg.shuffle:
@@ -105,6 +101,10 @@ def build_datasets(cfg: DataConfig, tokenizer, max_seq_len: int, seed: int) -> D
         raise ValueError(f"{cfg.path}: no usable training rows ({stats.rows_read} read, {stats.rows_skipped} skipped)")
 
     train_ex = _tokenize_all(train, tokenizer, template, max_seq_len, cfg, stats)
+    if not train_ex:
+        raise ValueError(f"{cfg.path}: all {len(train)} training examples lost every loss-bearing token to "
+                         f"truncation at max_seq_len={max_seq_len} ({stats.truncated_tokens} tokens cut); "
+                         "raise max_seq_len or shorten the prompts")
     stats.lengths = [len(ex["input_ids"]) for ex in train_ex]
     stats.loss_tokens = sum(loss_tokens(ex) for ex in train_ex)
     stats.total_tokens = sum(stats.lengths)
@@ -114,6 +114,18 @@ def build_datasets(cfg: DataConfig, tokenizer, max_seq_len: int, seed: int) -> D
     if cfg.packing:
         stats.packed_rows = len(packed)
     return Datasets(packed, eval_ex, stats, template, added, unpacked_train=train_ex)
+
+
+def load_samples(path: str, cfg: DataConfig, skips: SkipLog | None = None, max_rows: int | None = None,
+                 fmt: str | None = None) -> tuple[list[Sample], str]:
+    """Rows of `path` as validated canonical samples (system prompt added) and the format used.
+    Bad rows raise RowError, or are counted in `skips` when cfg.skip_bad_rows. Useful on its own
+    for generation-based evaluation, which needs the conversations rather than token ids."""
+    skips = SkipLog() if skips is None else skips
+    rows = read_rows(path, max_rows, cfg.hub_split, cfg.hub_subset)
+    skips.rows_read += len(rows)
+    fmt = fmt or _choose_format(cfg.format, rows)
+    return _samples(rows, fmt, cfg, skips), fmt
 
 
 def _choose_format(requested: str, rows: list[RawRow]) -> str:

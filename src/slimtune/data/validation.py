@@ -26,8 +26,9 @@ class RowError(ValueError):
 
 @dataclass
 class SkipLog:
-    """Counts skipped rows and keeps the first few reasons for the report."""
+    """Counts rows read and skipped, and keeps the first few skip reasons for the report."""
 
+    rows_read: int = 0
     count: int = 0
     reasons: list[str] = field(default_factory=list)
 

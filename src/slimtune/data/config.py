@@ -3,7 +3,7 @@ become token examples. Defaults live here and only here; YAML is this dataclass 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 FORMATS = ("auto", "alpaca", "belle", "sharegpt", "messages", "text")
 """Row formats: `auto` detects one of the others from the first rows' keys."""
@@ -74,9 +74,6 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training rows (with the run's seed) before the eval split and packing."""
 
-    extra: dict[str, str] = field(default_factory=dict)
-    """Reserved for format-specific options; must be empty for now."""
-
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
             raise ValueError(f"data.path must be a non-empty string (file, hub name or slimtune:<name>), got {self.path!r}")
@@ -95,7 +92,5 @@ class DataConfig:
             )
         if self.packing and self.group_by_length:
             raise ValueError("data.packing and data.group_by_length exclude each other: packed rows all have max_seq_len")
-        if self.extra:
-            raise ValueError(f"data.extra must be empty for now, got keys {sorted(self.extra)}")
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"data.system_prompt must be a string or null, got {type(self.system_prompt).__name__}")

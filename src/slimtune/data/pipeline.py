@@ -30,21 +30,33 @@ class DataStats:
     """What happened to the rows; every loss of data is counted here, never silent."""
 
     format: str = ""
+    """Row format used (detected or configured)."""
     template: str = ""
+    """Template used: a built-in name, or "tokenizer" for the tokenizer's own."""
     rows_read: int = 0
+    """Rows read from path and eval_path together."""
     rows_skipped: int = 0
+    """Bad rows skipped (skip_bad_rows: true)."""
     skip_reasons: list[str] = field(default_factory=list)
+    """The first few skip reasons, each naming file, line/row and field."""
     train_examples: int = 0
+    """Training examples after tokenization (before packing)."""
     eval_examples: int = 0
+    """Eval examples after tokenization."""
     truncated_rows: int = 0
+    """Examples (train and eval) cut to max_seq_len."""
     truncated_tokens: int = 0
+    """Tokens cut off by that truncation."""
     dropped_no_loss: int = 0
     """Examples whose every loss-bearing token was cut by truncation (dropped, counted)."""
     packed_rows: int = 0
+    """Packed training rows (0 without packing)."""
     lengths: list[int] = field(default_factory=list, repr=False)
     """Token length of every train example (after truncation, before packing)."""
     loss_tokens: int = 0
+    """Loss-bearing tokens of the train examples."""
     total_tokens: int = 0
+    """All tokens of the train examples."""
 
     def length_summary(self) -> dict[str, float]:
         """min / mean / p95 / max of the train example lengths (zeros when empty)."""
@@ -64,12 +76,17 @@ class Datasets:
     """Result of build_datasets: lists of examples (usable as torch/HF datasets) and stats."""
 
     train: list[Example]
+    """Training examples, or packed rows (with position_ids and seq_lens) when data.packing."""
     eval: list[Example]
+    """Eval examples, never packed."""
     stats: DataStats
+    """Counts and lengths for the run log and `slimtune data inspect`."""
     template: ChatTemplate
+    """Template used; pass it to save_tokenizer_for_run."""
     added_tokens: list[str]
     """Tokens added to the tokenizer for the template: resize the model's embeddings if non-empty."""
     unpacked_train: list[Example] = field(default_factory=list, repr=False)
+    """Training examples before packing (for inspection)."""
 
 
 def build_datasets(cfg: DataConfig, tokenizer, max_seq_len: int, seed: int) -> Datasets:

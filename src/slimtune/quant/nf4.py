@@ -46,7 +46,12 @@ NESTED_BLOCKSIZE = 256
 #    ~1.5e-5 of a midpoint may differ from a GPU-quantized checkpoint, by one code step).
 #    An all-zero block codes to index 0.
 #  * Dequantization multiplies code * absmax in fp32 and rounds once to the output dtype.
-# Any of these differs from the CUDA kernels only on exact ties, which random weights never hit.
+#  * The double-quant offset is torch's mean of the fp32 absmax on the weight's device, as in
+#    bitsandbytes; CPU and CUDA reductions may differ in the last bit, so nested absmax codes of a
+#    weight quantized on GPU can differ from the CPU ones (4-bit codes and absmax never do: checked
+#    on an H200).
+# By design the 4-bit rules differ from bitsandbytes' CUDA kernels only on exact ties (not checked:
+# our GPU machine has no bitsandbytes).
 
 
 def _check_inputs(weight: torch.Tensor, quant_type: str, blocksize: int) -> None:

@@ -88,3 +88,7 @@ class TrainConfig:
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps` optimizer steps."""
         return self.warmup_steps or int(self.warmup_ratio * total_steps)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: max_steps, else epochs x steps_per_epoch."""
+        return self.max_steps or self.epochs * steps_per_epoch

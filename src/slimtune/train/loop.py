@@ -9,6 +9,7 @@ the data order is a pure function of (seed, epoch) (see slimtune.train.sampler),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,7 +29,7 @@ from slimtune.train.loss import count_loss_tokens, token_loss
 from slimtune.train.methods import trainable_parameters
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
-from slimtune.train.sampler import epoch_batches, steps_per_epoch
+from slimtune.train.sampler import BatchPlan
 from slimtune.train.state import TrainState
 
 Row = dict[str, list[int]]
@@ -43,7 +44,8 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_rows: Sequence[Row],
                  eval_rows: Sequence[Row] | None, collate: Callable[[list[Row]], Batch], output_dir: Path,
-                 *, save_adapter: bool = True, progress: bool = True, console: Console | None = None):
+                 *, plan: BatchPlan | None = None, save_adapter: bool = True, progress: bool = True,
+                 console: Console | None = None):
         if not train_rows:
             raise ValueError("no training rows: the data file is empty or every row was skipped")
         self.model, self.cfg, self.collate = model, cfg, collate
@@ -55,15 +57,15 @@ class Trainer:
         self.params = list(trainable_parameters(model).values())
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        per_epoch = steps_per_epoch(len(train_rows), cfg.batch_size, cfg.grad_accum)
-        self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+        self.plan = plan or BatchPlan(len(train_rows), cfg.batch_size, cfg.seed)
+        self.total_steps = cfg.total_steps(self.plan.steps_per_epoch(cfg.grad_accum))
         optimizer = build_optimizer(self.params, cfg)
         self.ckpt = Checkpointable(
             model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, self.total_steps),
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16),
             save_adapter=save_adapter,
         )
-        self.state = TrainState(data_seed=cfg.seed)
+        self.state = TrainState(data_seed=self.plan.seed)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -104,7 +106,7 @@ class Trainer:
         """Accumulation groups of collated micro-batches, from the current data position onwards."""
         s, cfg = self.state, self.cfg
         while True:
-            batches = epoch_batches(len(self.train_rows), cfg.batch_size, s.data_seed, s.epoch)
+            batches = self.plan.epoch(s.epoch)
             while s.batch_in_epoch < len(batches):
                 chunk = batches[s.batch_in_epoch : s.batch_in_epoch + cfg.grad_accum]
                 yield [self.collate([self.train_rows[i] for i in idx]) for idx in chunk]
@@ -170,15 +172,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Token-weighted eval loss and perplexity over all eval rows; updates early stopping."""
-        self.model.eval()
-        loss_sum, n_tokens = 0.0, 0
-        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
-            batch = self.collate(list(self.eval_rows[i : i + self.cfg.batch_size]))
-            with self.autocast():
-                s, n = token_loss(self.forward(batch), batch["labels"])
-            loss_sum, n_tokens = loss_sum + s.item(), n_tokens + int(n)
+        eval_loss, n_tokens = evaluation_loss(self.model, self.eval_rows, self.collate, self.cfg.batch_size,
+                                              self.amp_dtype)
         self.model.train()
-        eval_loss = loss_sum / max(1, n_tokens)
         self.update_early_stopping(eval_loss)
         return {"step": self.state.step, "eval_step": self.state.step, "eval_loss": eval_loss,
                 "eval_ppl": math.exp(min(eval_loss, 700.0)), "eval_tokens": n_tokens}
@@ -212,8 +208,26 @@ class Trainer:
         if path is None:
             raise ValueError(f"--resume: no complete checkpoint under {self.checkpoint_dir}")
         self.state = load_checkpoint(path, self.ckpt)
+        if self.state.data_seed != self.plan.seed:  # the data order stays the one the run started with
+            self.plan = dataclasses.replace(self.plan, seed=self.state.data_seed)
         self.console.print(f"resuming from {path} (step {self.state.step})")
         return path
+
+
+@torch.no_grad()
+def evaluation_loss(model: nn.Module, rows: Sequence[Row], collate: Callable[[list[Row]], Batch], batch_size: int,
+                    amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """(mean next-token loss over every loss token of `rows`, number of loss tokens); model left in eval()."""
+    model.eval()
+    device = model_device(model)
+    loss_sum, n_tokens = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(list(rows[i : i + batch_size]))
+        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            s, n = token_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+        loss_sum, n_tokens = loss_sum + s.item(), n_tokens + int(n)
+    return loss_sum / max(1, n_tokens), n_tokens
 
 
 class _Window:

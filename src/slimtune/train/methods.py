@@ -119,12 +119,13 @@ def build_peft_config(method: str, peft: dict[str, Any], total_steps: int | None
     return cls(**kwargs)
 
 
-def load_base_model(path: str, method: str, dtype: torch.dtype, quant: Any) -> nn.Module:
+def load_base_model(path: str, method: str, dtype: torch.dtype, quant: Any, device: torch.device) -> nn.Module:
     """Load the causal LM at `path` (a folder or hub name); 4-bit for quantized methods."""
     if method_spec(method).quantized:
         from slimtune.quant import load_model  # lazy: only QLoRA needs the 4-bit code
 
-        return load_model(path, quantization=quant.type, double_quant=quant.double_quant, compute_dtype=dtype)
+        return load_model(path, quantization=quant.type, double_quant=quant.double_quant, compute_dtype=dtype,
+                          device=device)
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)

@@ -39,7 +39,8 @@ class RunConfig:
     model: str
     """Base model: a local folder in Hugging Face format or a hub name."""
     data: Any
-    """The data section (slimtune.data.DataConfig): path, format, eval_path, template, packing, ..."""
+    """The data section (slimtune.data.DataConfig): path, format, eval_path, template, packing, ...;
+    omitted: the defaults of DataConfig."""
     method: str = "lora"
     """lora | qlora | dora | adalora | ia3 | prefix_tuning | prompt_tuning | p_tuning | full."""
     peft: dict[str, Any] = field(default_factory=dict)
@@ -66,9 +67,8 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"a run config must be a mapping of sections; got {type(raw).__name__}")
         check_keys(raw, _TOP_LEVEL, "")
-        for key in ("model", "data"):
-            if raw.get(key) is None:
-                raise ValueError(f"missing required key '{key}'")
+        if raw.get("model") is None:
+            raise ValueError("missing required key 'model' (a model folder or hub name)")
         return cls(
             model=coerce(raw["model"], str, "model"),
             data=from_mapping(_data_config_class(), raw["data"], "data"),

@@ -1,0 +1,1 @@
+"""The `slimtune` command line: train, data inspect, demo (see slimtune.cli.main)."""

@@ -1,0 +1,174 @@
+"""One training run from a RunConfig: data -> model -> Trainer.fit -> adapter, tokenizer, card, plot.
+
+`run_training(cfg, resume)` is what `slimtune train` calls. The run folder ends up holding:
+  config.yaml        the resolved config          checkpoints/step-N/   resumable state (newest 2)
+  adapter/           PEFT adapter + tokenizer     (model/ instead, for method full)
+  metrics.jsonl      one row per logged step      tensorboard/          the same, for TensorBoard
+  loss.png           loss and lr by step          README.md             model card
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from torch import nn
+
+from slimtune.train.card import write_model_card
+from slimtune.train.checkpoint import latest_checkpoint
+from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
+from slimtune.train.logs import PLOT_FILE, plot_metrics
+from slimtune.train.loop import Trainer
+from slimtune.train.methods import build_peft_config, load_base_model, method_spec, prepare_model
+from slimtune.train.rng import seed_everything
+from slimtune.train.run_config import RunConfig
+from slimtune.train.sampler import BatchPlan
+from slimtune.train.state import TrainState
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    """The run folder."""
+    artifact_dir: Path
+    """The final adapter (or full model) with its tokenizer."""
+    state: TrainState
+    """Final step, metrics history, best eval loss."""
+    model: nn.Module
+    """The trained model (PEFT-wrapped unless method full), still in memory."""
+    tokenizer: Any
+    """The tokenizer as prepared for the chat template."""
+    data: Any
+    """slimtune.data.Datasets: the tokenized train/eval examples, stats and chat template."""
+    collate: Any
+    """The batch collator used for training and evaluation."""
+
+
+def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
+                 console: Console | None = None) -> RunResult:
+    console = console or Console(stderr=True)
+    out = Path(cfg.output_dir)
+    check_output_dir(out, resume)
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    from slimtune.data import SFTCollator, build_datasets, save_tokenizer_for_run
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
+    plan = batch_plan(cfg, data.train)
+    total_steps = cfg.train.total_steps(plan.steps_per_epoch(cfg.train.grad_accum))
+    model = build_model(cfg, device, len(tokenizer) if data.added_tokens else None, total_steps)
+    describe_run(console, cfg, data.stats, model, device, total_steps)
+    if resume:
+        report_config_changes(out / "config.yaml", cfg, console)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+
+    mask_dtype = autocast_dtype(cfg.train.precision, device) or torch.float32
+    collate = SFTCollator(tokenizer.pad_token_id, packed_attention=cfg.data.packed_attention, mask_dtype=mask_dtype)
+    is_peft = method_spec(cfg.method).config_class is not None
+    trainer = Trainer(model, cfg.train, data.train, data.eval, collate, out, plan=plan, save_adapter=is_peft,
+                      progress=progress, console=console)
+    state = trainer.fit(resume=resume)
+
+    artifact = out / ("adapter" if is_peft else "model")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    save_atomically(artifact, lambda tmp: (model.save_pretrained(str(tmp)), save_tokenizer_for_run(
+        tokenizer, data.template, tmp, generation_config=getattr(base, "generation_config", None))))
+    plot_metrics(state.history, out / PLOT_FILE, console)
+    write_model_card(out / "README.md", cfg, state, data.stats, artifact.name)
+    console.print(f"[green]done:[/green] {state.step} steps; {artifact.name} saved to {artifact}")
+    return RunResult(out, artifact, state, model, tokenizer, data, collate)
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    last = latest_checkpoint(out / "checkpoints")
+    if last is not None and not resume:
+        raise ValueError(f"output_dir {out} already holds checkpoints ({last.name}): pass --resume to continue "
+                         "that run, or choose another output_dir")
+    if resume and last is None:
+        raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"model: cannot load a tokenizer from {path!r} ({_first_line(err)})") from None
+
+
+def build_model(cfg: RunConfig, device: torch.device, vocab_size: int | None, total_steps: int) -> nn.Module:
+    """Load the base model, grow its vocabulary if the template added tokens, and prepare `cfg.method`."""
+    peft_config = None if cfg.method == "full" else build_peft_config(cfg.method, cfg.peft, total_steps)
+    dtype = torch.float32 if cfg.method == "full" else weights_dtype(cfg.train.precision, device)
+    try:
+        model = load_base_model(cfg.model, cfg.method, dtype, cfg.quant, device)
+    except OSError as err:
+        raise ValueError(f"model: cannot load {cfg.model!r} ({_first_line(err)})") from None
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size)
+    model.to(device)
+    return prepare_model(model, cfg.method, peft_config, cfg.train.gradient_checkpointing)
+
+
+def batch_plan(cfg: RunConfig, rows: list[dict[str, list[int]]]) -> BatchPlan:
+    lengths = tuple(len(r["input_ids"]) for r in rows) if cfg.data.group_by_length else None
+    return BatchPlan(len(rows), cfg.train.batch_size, cfg.train.seed, shuffle=cfg.data.shuffle, lengths=lengths)
+
+
+def describe_run(console: Console, cfg: RunConfig, stats: Any, model: nn.Module, device: torch.device,
+                 total_steps: int) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    precision = resolve_precision(cfg.train.precision, device)
+    console.print(
+        f"[bold]{cfg.method}[/bold] on {cfg.model}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / max(1, total):.3f}%)\n"
+        f"data: {stats.train_examples} train / {stats.eval_examples} eval examples ({stats.format}, "
+        f"template {stats.template}); {total_steps} steps of {cfg.train.batch_size} x {cfg.train.grad_accum} "
+        f"on {device} in {precision}"
+    )
+
+
+def report_config_changes(saved: Path, cfg: RunConfig, console: Console) -> None:
+    if not saved.is_file():
+        return
+    changes = _diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    if changes:
+        console.print(f"[yellow]resuming with a changed config: {', '.join(changes)}[/yellow]")
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def save_atomically(target: Path, write: Any) -> None:
+    """Call write(tmp_folder), then swap tmp_folder into `target` (never a half-written target)."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".old-{target.name}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,147 @@
+"""AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"): SVD-form
+low-rank updates whose ranks are pruned during training by a global budget. On Linear, Conv1D, Linear4bit.
+
+Training needs the allocator after every optimizer step: slimtune's trainer calls
+`peft_model.update_and_allocate(step)`; under transformers.Trainer pass `callbacks=[AdaLoraCallback()]`;
+in a hand-written loop call it after optimizer.step() (see config.py, Note: AdaLoRA's three phases).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocate
+from slimtune.methods.adalora.config import AdaLoraConfig
+from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter
+from slimtune.quant.linear4bit import Linear4bit
+from slimtune.registry import MethodSpec
+from slimtune.targeting import default_targets, find_targets, is_linear_like
+
+if TYPE_CHECKING:
+    from slimtune.methods.adalora.callback import AdaLoraCallback
+
+__all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "METHOD", "RankAllocator"]
+
+# peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21), plus mistral (same names as llama).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    **{t: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] for t in ("bart", "opt")},
+    **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
+    **{t: ["query_key_value"] for t in ("bloom", "gpt_neox")},
+    **{t: ["q_proj", "v_proj"] for t in (
+        "gptj", "gpt_neo", "llama", "llama4", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
+    "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"], "deberta": ["in_proj"],
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "AdaLoraCallback":  # imports transformers: only when asked for
+        from slimtune.methods.adalora.callback import AdaLoraCallback
+
+        return AdaLoraCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _wrap(model: nn.Module, name: str, config: AdaLoraConfig) -> AdaLoraLayer:
+    module = model.get_submodule(name)
+    if isinstance(module, AdaLoraLayer):
+        return module
+    if not is_linear_like(module):
+        raise ValueError(
+            f"AdaLoRA cannot adapt module {name!r} of type {type(module).__name__}; supported layer types: "
+            "nn.Linear, Conv1D (GPT-2), Linear4bit"
+        )
+    fan_in_fan_out = type(module).__name__ == "Conv1D"
+    if config.fan_in_fan_out != fan_in_fan_out:  # as peft: warn once, and the saved config says what was used
+        warnings.warn(f"{name}: {type(module).__name__} uses fan_in_fan_out={fan_in_fan_out}; using that", stacklevel=3)
+        config.fan_in_fan_out = fan_in_fan_out
+    layer = AdaLoraLayer(module, fan_in_fan_out=fan_in_fan_out)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, layer)
+    return layer
+
+
+def _adapter_placement(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.device, torch.dtype]:
+    """Adapters live on the base layer's device; bf16/fp16 (and 4-bit) bases get fp32 adapters (peft's default)."""
+    if isinstance(base, Linear4bit):
+        return base.weight.device, torch.float32 if autocast_adapter_dtype else base.compute_dtype
+    weight = base.weight
+    low = weight.dtype in (torch.bfloat16, torch.float16)
+    return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
+
+
+def _kept_triplets(config: AdaLoraConfig, adapter_name: str) -> dict[str, list[bool]]:
+    """rank_pattern keyed '<module>.lora_E' (peft's file form; its in-memory form also ends in '.<adapter>')."""
+    suffix = f".{adapter_name}"
+    return {(k[: -len(suffix)] if k.endswith(suffix) else k): v for k, v in (config.rank_pattern or {}).items()}
+
+
+def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Wrap every target module in an AdaLoraLayer and add adapter `adapter_name` (pruned per rank_pattern)."""
+    if config.target_modules is None:  # as peft: the saved config names the modules it adapted
+        config.target_modules = default_targets(model, DEFAULT_TARGETS, "AdaLoRA")
+    names = find_targets(model, config.target_modules, exclude_modules=config.exclude_modules,
+                         layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
+                         skip=config.modules_to_save or ())
+    kept = _kept_triplets(config, adapter_name)
+    for name in names:
+        layer = _wrap(model, name, config)
+        in_features, out_features = layer.features()
+        pattern = kept.get(f"{name}.lora_E")
+        r = config.init_r if pattern is None else sum(pattern)
+        # a pruned adapter keeps the scale of the full one (peft copies ranknum = init_r on resize)
+        ranknum = config.init_r if (pattern is not None and r > 0) else None
+        adapter = SVDAdapter(in_features, out_features, r, config.lora_alpha, config.lora_dropout,
+                             config.init_lora_weights, ranknum)
+        device, dtype = _adapter_placement(layer.base_layer, autocast_adapter_dtype)
+        layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
+
+
+def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:
+    """(module name, adapter) for every AdaLoraLayer holding `adapter_name`, in model order."""
+    return [(name, module.adapters[adapter_name]) for name, module in model.named_modules()
+            if isinstance(module, AdaLoraLayer) and adapter_name in module.adapters]
+
+
+def on_step(model: nn.Module, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:
+    """MethodSpec.on_step: one rank-allocator step (PeftModel.update_and_allocate)."""
+    update_and_allocate(config, adapters_of(model, adapter_name), global_step)
+
+
+def orthogonality_penalty(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> torch.Tensor:
+    """MethodSpec.extra_loss: orth_reg_weight * mean over matrices of ||A A^T - I||_F and ||B^T B - I||_F.
+
+    (peft's term: Frobenius norms, not squared, averaged over every A and B, in model order.)
+    """
+    total: Any = 0
+    count = 0
+    for _, adapter in adapters_of(model, adapter_name):
+        for cov in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):  # (r, r) each
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            total = total + torch.norm(cov - eye, p="fro")
+            count += 1
+    if count == 0:
+        return torch.zeros(())
+    return config.orth_reg_weight * (total / count)
+
+
+def extra_trainable(model: nn.Module, config: AdaLoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
+    """Biases trained by bias='all' (every bias) or 'lora_only' (the adapted layers' own biases), as LoRA."""
+    if config.bias == "none":
+        return
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if not name.endswith("bias") or ".adapters." in name or ".original_module." in name:
+            continue
+        if config.bias == "all" or name.endswith(".base_layer.bias"):
+            yield name, param
+
+
+METHOD = MethodSpec(config_cls=AdaLoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
+                    extra_trainable=extra_trainable, on_step=on_step, extra_loss=orthogonality_penalty)

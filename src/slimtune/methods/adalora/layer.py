@@ -1,0 +1,215 @@
+"""AdaLoraLayer: wraps a linear-like layer (nn.Linear, GPT-2 Conv1D, Linear4bit) and adds SVD-form updates.
+
+forward(x) = base_layer(x) + dropout(x) (A * E)^T B^T * lora_alpha / (ranknum + 1e-5), the update
+P diag(E) Q of AdaLoRA with Q = lora_A (r, in), E = lora_E (r, 1) the singular values, P = lora_B (out, r).
+The rank allocator prunes by zeroing entries of E (see config.py, Note: AdaLoRA's three phases) and
+keeps its state on each adapter (`SVDAdapter.rank`). Merging folds B (A * E) into the base weight; a 4-bit
+base is merged only through `unloaded(merge=True)`, which returns a plain nn.Linear.
+
+# Note: pruned tensors on disk
+peft saves an AdaLoRA adapter with only the kept triplets (rows of A and E, columns of B, as listed in
+rank_pattern) and rebuilds those shapes on load. In memory the shapes stay at init_r during training (the
+optimizer holds the full tensors); `SVDAdapter._save_to_state_dict` writes the pruned tensors once a mask
+exists, and an adapter built from a config with rank_pattern has the pruned shapes from the start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimtune.quant.linear4bit import Linear4bit
+
+_TRIPLET = ("lora_A", "lora_B", "lora_E")
+
+
+@dataclasses.dataclass
+class RankState:
+    """What the allocator keeps per adapter between steps (never saved: like peft, it restarts on reload)."""
+
+    avg_sensitivity: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """EMA of |w * grad| per tensor name (lora_A, lora_B, lora_E)."""
+    avg_uncertainty: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """EMA of |sensitivity - its EMA| per tensor name."""
+    mask: torch.Tensor | None = None
+    """(r,) bool, the triplets kept by the last allocation; None before the first one."""
+    last_grads: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """The gradient tensors of the last backward, so the allocator still sees them after zero_grad(set_to_none)."""
+    allocator_calls: int = 0
+    """How many times update_and_allocate reached this adapter."""
+    train_forwards: int = 0
+    """Forward passes in training mode with gradients on (to detect a run that never calls the allocator)."""
+    warned: bool = False
+
+
+def _remember_grad(state: RankState, name: str, param: torch.Tensor) -> None:
+    state.last_grads[name] = param.grad
+
+
+class SVDAdapter(nn.Module):
+    """One AdaLoRA adapter: lora_A (r, in), lora_E (r, 1), lora_B (out, r), ranknum (1,) (not saved, as in peft).
+
+    Creation consumes the random stream in peft's order (randn A, E, B, ranknum; then the init), so the
+    same seed gives the same initial weights as peft.
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float,
+                 init: bool, ranknum: int | None = None) -> None:
+        super().__init__()
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.randn(r, in_features))
+        self.lora_E = nn.Parameter(torch.randn(r, 1))
+        self.lora_B = nn.Parameter(torch.randn(out_features, r))
+        rank = torch.randn(1).fill_(float(r if ranknum is None else ranknum))
+        self.register_buffer("ranknum", rank, persistent=False)
+        self.scaling = alpha
+        self.rank = RankState()
+        for name in _TRIPLET:
+            getattr(self, name).register_post_accumulate_grad_hook(functools.partial(_remember_grad, self.rank, name))
+        if init:
+            nn.init.zeros_(self.lora_E)
+            nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
+            nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+
+    def delta_weight(self) -> torch.Tensor:
+        """B (A * E) * scaling / ranknum, shape (out, in), as peft computes it."""
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution (x already in the adapter dtype); peft's exact expression."""
+        if self.training and torch.is_grad_enabled():
+            self.rank.train_forwards += 1
+        return (self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (
+            self.ranknum + 1e-5)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """See Note: pruned tensors on disk."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self._warn_if_allocator_never_ran()
+        mask = self.rank.mask
+        if mask is None or bool(mask.all()):
+            return
+        keep = mask.to(self.lora_A.device)
+        destination[prefix + "lora_A"] = self.lora_A.detach()[keep]
+        destination[prefix + "lora_E"] = self.lora_E.detach()[keep]
+        destination[prefix + "lora_B"] = self.lora_B.detach()[:, keep]
+
+    def _warn_if_allocator_never_ran(self) -> None:
+        state = self.rank
+        if state.train_forwards and not state.allocator_calls and not state.warned:
+            state.warned = True
+            warnings.warn(
+                f"AdaLoRA adapter ran {state.train_forwards} training forward passes but its rank allocator was "
+                "never called, so no rank was pruned. Call peft_model.update_and_allocate(step) after each "
+                "optimizer.step() (slimtune's trainer does); with transformers.Trainer pass "
+                "callbacks=[slimtune.methods.adalora.AdaLoraCallback()]", stacklevel=4)
+
+
+class AdaLoraLayer(nn.Module):
+    """A base layer plus named AdaLoRA adapters (see adapter_layer.AdapterLayer)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.fan_in_fan_out = fan_in_fan_out
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+
+    def features(self) -> tuple[int, int]:
+        """(in_features, out_features) of the base layer."""
+        base = self.base_layer
+        if hasattr(base, "in_features"):
+            return base.in_features, base.out_features
+        weight = base.weight  # Conv1D keeps (in, out)
+        return tuple(weight.shape) if self.fan_in_fan_out else tuple(reversed(weight.shape))
+
+    # ---- AdapterLayer protocol ------------------------------------------------------------------
+    def add(self, name: str, adapter: SVDAdapter) -> None:
+        self.adapters[name] = adapter
+
+    def set_active(self, names: list[str], trainable: bool) -> None:
+        self.active = [n for n in names if n in self.adapters]
+        for name, adapter in self.adapters.items():
+            adapter.requires_grad_(trainable and name in self.active)
+
+    def delete(self, name: str) -> None:
+        if name in self.merged:
+            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+        del self.adapters[name]
+        self.active = [n for n in self.active if n != name]
+
+    def _stored(self, delta: torch.Tensor) -> torch.Tensor:
+        """A delta (out, in) in the layout of the stored weight."""
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self, names: list[str]) -> None:
+        if isinstance(self.base_layer, Linear4bit):
+            raise ValueError(
+                "cannot merge AdaLoRA into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
+                "dequantizes the base and merges in the compute dtype"
+            )
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged or name not in self.adapters:
+                continue
+            weight.data += self._stored(self.adapters[name].delta_weight()).to(weight.dtype)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged:
+            weight.data -= self._stored(self.adapters[self.merged.pop()].delta_weight()).to(weight.dtype)
+
+    @torch.no_grad()
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The base module to put back; with merge=True the active adapters are folded in first."""
+        base = self.base_layer
+        if merge and isinstance(base, Linear4bit):
+            weight = base.dequantize().float()
+            for name in self.active:
+                weight = weight + self.adapters[name].delta_weight().float()
+            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                              device=weight.device, dtype=base.compute_dtype)
+            plain.weight.data.copy_(weight)
+            if base.bias is not None:
+                plain.bias.data.copy_(base.bias)
+            return plain
+        if merge:
+            self.merge([n for n in self.active if n not in self.merged])
+        return base
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        pending = [n for n in self.active if n not in self.merged]
+        if self.disabled or not pending:
+            return result
+        out_dtype = result.dtype
+        for name in pending:
+            adapter = self.adapters[name]
+            xa = x if torch.is_autocast_enabled(x.device.type) else x.to(adapter.lora_A.dtype)
+            result = result + adapter(xa)
+        return result.to(out_dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}, merged={self.merged}"

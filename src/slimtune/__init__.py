@@ -1,8 +1,20 @@
-"""slimtune: low-cost fine-tuning of large language models (LoRA, QLoRA and the PEFT family)."""
+"""slimtune: low-cost fine-tuning of large language models (LoRA, QLoRA and the PEFT family).
+
+The API is HF peft's: code written for peft runs with `peft` replaced by `slimtune`, and adapters
+are saved in peft's file format. QLoRA needs no bitsandbytes: `load_model(path, quantization="nf4")`.
+"""
 
 from slimtune.config import PeftConfig, PeftType, TaskType
 from slimtune.methods.lora.config import LoraConfig
+from slimtune.models import default_model_path
 from slimtune.peft_model import PeftModel, get_peft_model
+from slimtune.quant import (
+    dequantize_4bit,
+    load_model,
+    prepare_model_for_kbit_training,
+    quantize_4bit,
+    save_quantized,
+)
 
 __version__ = "0.1.0"
 
@@ -12,5 +24,11 @@ __all__ = [
     "PeftModel",
     "PeftType",
     "TaskType",
+    "default_model_path",
+    "dequantize_4bit",
     "get_peft_model",
+    "load_model",
+    "prepare_model_for_kbit_training",
+    "quantize_4bit",
+    "save_quantized",
 ]

@@ -55,11 +55,11 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     return model
 
 
-def add_random_lora(model, seed: int, scale: float = 0.3):
+def add_random_lora(model, seed: int, scale: float = 0.3, targets: list[str] | None = None):
     """A PeftModel with one LoRA adapter whose B is random, so it changes the logits."""
     from slimtune import LoraConfig, get_peft_model
 
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets or TARGETS))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft.named_parameters():

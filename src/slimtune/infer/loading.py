@@ -44,6 +44,8 @@ class LoadedModel:
     """Adapter name -> the folder it was loaded from, in load order."""
     stop_token_ids: list[int] = field(default_factory=list)
     """Generation stops at any of these (eos, end-of-turn)."""
+    tokenizer_source: str = ""
+    """Where the tokenizer (and generation_config.json, if any) came from: an adapter folder or the model."""
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +98,7 @@ def load_for_inference(model: str | os.PathLike, adapters: dict[str, str | os.Pa
     name = base_name or Path(str(model)).name or str(model)
     if name in adapter_dirs:
         raise ValueError(f"adapter name {name!r} equals the base model's name; rename the adapter (NAME=DIR)")
-    return LoadedModel(wrapped, tokenizer, name, adapter_dirs, stop)
+    return LoadedModel(wrapped, tokenizer, name, adapter_dirs, stop, tok_source)
 
 
 def _check_adapter_dir(path: Path, name: str) -> Path:

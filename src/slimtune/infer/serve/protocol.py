@@ -1,0 +1,167 @@
+"""The OpenAI wire format: request validation and response/chunk bodies.
+
+Only fields we honour are validated (model, messages/prompt, max_tokens, temperature, top_p, stop,
+seed, stream, n); other fields OpenAI clients send are ignored. Errors use OpenAI's shape:
+{"error": {"message", "type", "param", "code"}} with the HTTP status in APIError.status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimtune.infer.generation import SamplingOptions
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4
+
+
+class APIError(Exception):
+    """An error answered to the client as OpenAI does."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ParsedRequest:
+    """A validated request: which model, the prompt (chat messages or text), and how to sample."""
+
+    model: str
+    chat: bool
+    messages: list[dict[str, str]] = field(default_factory=list)
+    prompt: str = ""
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+
+
+def parse_request(body: Any, chat: bool, default_max_tokens: int, max_tokens_limit: int) -> ParsedRequest:
+    """Validate a /v1/chat/completions (chat) or /v1/completions body."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required: the base model's name or an adapter's (see GET /v1/models)",
+                       "model")
+    n = body.get("n", 1)
+    if n != 1:
+        raise APIError(400, f"n={n!r} is not supported; only n=1", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
+    request = ParsedRequest(model, chat, options=_options(body, default_max_tokens, max_tokens_limit),
+                            stop=_stop(body.get("stop")), stream=stream)
+    if chat:
+        request.messages = _messages(body.get("messages"))
+    else:
+        request.prompt = _prompt(body.get("prompt"))
+    return request
+
+
+def _options(body: dict[str, Any], default_max_tokens: int, limit: int) -> SamplingOptions:
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
+        raise APIError(400, f"'{key}' must be an integer in [1, {limit}], got {max_tokens!r}", key)
+    temperature = body.get("temperature", 1.0)
+    if temperature is None:
+        temperature = 1.0
+    if not _is_number(temperature) or not 0.0 <= temperature <= 2.0:
+        raise APIError(400, f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature")
+    top_p = body.get("top_p", 1.0)
+    top_p = 1.0 if top_p is None else top_p
+    if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
+        raise APIError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
+        raise APIError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    return stops
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}] must be an object with role one of {', '.join(ROLES)}",
+                           f"messages[{i}].role")
+        out.append({"role": message["role"], "content": _content(message.get("content"), i)})
+    return out
+
+
+def _content(content: Any, i: int) -> str:
+    """A string, or OpenAI's list of parts of which only text parts are accepted."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+
+
+def _prompt(value: Any) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, str) or not value:
+        raise APIError(400, "'prompt' must be a non-empty string (or a list holding one)", "prompt")
+    return value
+
+
+# ---- responses -------------------------------------------------------------------------------------
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+
+def completion_body(rid: str, model: str, chat: bool, text: str, finish: str, prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str | None,
+               first: bool = False) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        choice["delta"] = delta
+    else:
+        choice["text"] = text or ""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def models_body(names: list[str], base: str) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slimtune",
+                                        "parent": None if n == base else base} for n in names]}

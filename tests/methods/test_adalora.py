@@ -5,6 +5,7 @@ same rank_pattern, and the pruned files reload both ways."""
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -227,7 +228,7 @@ def test_allocation_after_zero_grad_equals_before_it():
     """slimtune's loop (and Trainer's on_step_end) run after zero_grad(set_to_none=True): same result."""
     tiny = TINY_MODELS["llama"]
     before, _ = _pair("llama", "default", **SCHEDULE)
-    after, _ = _pair("llama", "default", **SCHEDULE)
+    after = copy.deepcopy(before)  # a copy must capture its own gradients too
     run_before = _train(before, tiny, before.update_and_allocate)
     run_after = _train(after, tiny, after.update_and_allocate, after_zero_grad=True)
     assert run_before == run_after

@@ -248,3 +248,22 @@ def test_bf16_base_gets_fp32_vectors_like_peft():
     assert {v.dtype for v in peft.get_peft_model_state_dict(theirs).values()} == {torch.float32}
     assert config.target_modules is None  # defaults fill the model's copy, never the user's object
     assert ours.peft_config["default"].target_modules == ["k_proj", "v_proj", "down_proj"]
+
+
+def test_several_adapters_switch_and_delete():
+    tiny = TINY_MODELS["llama"]
+    inputs = tiny.inputs()
+    model = slimtune.get_peft_model(tiny.model(), IA3Config(init_ia3_weights=False)).eval()
+    first = logits(model, inputs)
+    model.add_adapter("other", IA3Config(target_modules=["v_proj"], feedforward_modules=[], init_ia3_weights=False))
+    torch.testing.assert_close(logits(model, inputs), first)  # a new adapter stays inactive
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".other." in n)
+    model.set_adapter("other")
+    second = logits(model, inputs)
+    assert (second - first).abs().max() > 1e-3
+    assert all(".other." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert sorted(model.adapter_state_dict("other")) == [f"base_model.model.model.layers.{i}.self_attn.v_proj.ia3_l"
+                                                         for i in range(2)]
+    model.delete_adapter("default")
+    torch.testing.assert_close(logits(model, inputs), second)
+    assert not any(".default." in n for n, _ in model.named_parameters())

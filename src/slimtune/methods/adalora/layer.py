@@ -69,12 +69,24 @@ class SVDAdapter(nn.Module):
         self.register_buffer("ranknum", rank, persistent=False)
         self.scaling = alpha
         self.rank = RankState()
-        for name in _TRIPLET:
-            getattr(self, name).register_post_accumulate_grad_hook(functools.partial(_remember_grad, self.rank, name))
+        self._hooked: dict[str, int] = {}
+        self._ensure_grad_hooks()
         if init:
             nn.init.zeros_(self.lora_E)
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
+
+    def _ensure_grad_hooks(self) -> None:
+        """Let the allocator see each backward's gradients even after zero_grad(set_to_none=True).
+
+        Hooks live on the Parameter objects, which deepcopy and load_state_dict(assign=True) replace: the
+        ids tell whether the current parameters carry them.
+        """
+        for name in _TRIPLET:
+            param = getattr(self, name)
+            if self._hooked.get(name) != id(param):
+                param.register_post_accumulate_grad_hook(functools.partial(_remember_grad, self.rank, name))
+                self._hooked[name] = id(param)
 
     def delta_weight(self) -> torch.Tensor:
         """B (A * E) * scaling / ranknum, shape (out, in), as peft computes it."""
@@ -84,6 +96,7 @@ class SVDAdapter(nn.Module):
         """The adapter's contribution (x already in the adapter dtype); peft's exact expression."""
         if self.training and torch.is_grad_enabled():
             self.rank.train_forwards += 1
+            self._ensure_grad_hooks()
         return (self.lora_dropout(x) @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scaling / (
             self.ranknum + 1e-5)
 

@@ -35,8 +35,11 @@ class AdapterLayer(Protocol):
     def unmerge(self) -> None:
         """Undo every merge, restoring the base weight."""
 
-    def unloaded(self) -> nn.Module:
-        """The plain module to put back in the model: the base layer with merges kept."""
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The plain module to put back in the model; merge=True folds the active adapters in first."""
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name` (refused while it is merged)."""
 
 
 class ModulesToSave(nn.Module):

@@ -6,8 +6,9 @@
 One process, one card, one model: the adapter (rank r on all seven projections, random B so it is not
 a no-op) is timed unmerged (W x + s B (A x) on every projection), merged (merge_adapter: W' x), and
 disabled (base only). Greedy decoding of exactly --new-tokens tokens after a random prompt; tokens/s
-counts generated tokens of the whole batch. The merged and unmerged runs must produce the same tokens
-(checked and printed). CPU runs it on the tiny preset as a smoke test (tests/infer/test_decode_benchmark.py).
+counts generated tokens of the whole batch. Whether merged and unmerged runs produce the same tokens
+is printed: in fp32 they must; in bf16/fp16 the merged weight is rounded once more, so near-tied
+logits of a random-weight model may flip a token (not a bug). CPU runs it on the tiny preset as a smoke test (tests/infer/test_decode_benchmark.py).
 
 # Note: why unmerged decode is slower
 At decode time each projection sees a (B, 1, d) input: the base matmul is memory-bound (it streams W),
@@ -17,6 +18,13 @@ dominate: expect unmerged decode well below merged at batch 1. Remedies, cheapes
 single-adapter serving; fuse A and B of q/k/v (and gate/up) into one concatenated matmul each; a fused
 Triton kernel doing x A^T B^T + base in one launch; CUDA graphs to remove launch overhead; for many
 adapters, batched LoRA kernels (Punica/S-LoRA style segmented gather matmuls).
+
+Measured (H200, torch 2.11, transformers 5.17, bf16, prompt 128, 64 new tokens, r=16, one run):
+llama-1b shape batch 1: unmerged 64.6 / merged 42.9 / base 57.4 tokens/s; batch 16: 1124 / 1149 / 1193;
+llama-8b shape batch 1: 27.5 / 26.0 / 31.2. transformers' eager generate is host-bound here (14-38 ms
+per step, where the weights stream in ~1-2 ms on this card), so the adapter's extra launches hide in
+the Python overhead and the modes differ by run-to-run noise. The LoRA cost becomes visible once the
+host overhead is gone (static cache + torch.compile / CUDA graphs); measure that before optimizing.
 """
 
 from __future__ import annotations
@@ -132,7 +140,8 @@ def table(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [head, f"{'mode':<20}{'tokens/s':>12}{'ms/step':>10}{'speed vs merged':>17}"]
     for r in rows:
         lines.append(f"{r['mode']:<20}{r['tokens_per_s']:>12.1f}{r['ms_per_token']:>10.2f}{r['vs_merged']:>16.2f}x")
-    lines.append(f"merged and unmerged generate the same tokens: {'yes' if rows[0]['same_tokens_as_merged'] else 'NO'}")
+    same = "yes" if rows[0]["same_tokens_as_merged"] else "no (expected in bf16/fp16: the merged weights round differently)"
+    lines.append(f"merged and unmerged generate the same tokens: {same}")
     return "\n".join(lines)
 
 

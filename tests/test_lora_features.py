@@ -124,3 +124,14 @@ def test_forward_and_generate_pass_through():
     out = model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, ids.shape[1] + 3)
     assert model.config is model.get_base_model().config
+
+
+def test_second_all_linear_adapter_wraps_only_base_layers(tmp_path):
+    model = slimtune.get_peft_model(LLAMA.model(), slimtune.LoraConfig(r=2, target_modules="all-linear"))
+    model.add_adapter("second", slimtune.LoraConfig(r=2, target_modules="all-linear"))
+    layers = [n for n, m in model.named_modules() if isinstance(m, slimtune.methods.lora.LoraLayer)]
+    assert len(layers) == 14 and not any(".adapters." in n for n in layers)
+    model.save_pretrained(tmp_path)
+    reloaded = slimtune.PeftModel.from_pretrained(LLAMA.model(), tmp_path)
+    reloaded.load_adapter(tmp_path / "second", adapter_name="second")
+    assert sorted(reloaded.peft_config) == ["default", "second"]

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from torch import nn
 
 LINEAR_TYPE_NAMES = ("Linear", "Conv1D", "Linear4bit")
+# Children of adapter wrappers: never targets themselves (a second adapter must not wrap the first's A/B).
+WRAPPER_PARTS = frozenset({"base_layer", "adapters", "original_module", "modules_to_save"})
 LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
@@ -63,6 +65,8 @@ def find_targets(
     found = []
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if not WRAPPER_PARTS.isdisjoint(name.split(".")):
             continue
         if all_linear:
             if not is_linear_like(module) or name in heads:

@@ -12,7 +12,8 @@ from tiny_run import build_llama, pad_collate, random_rows
 
 from slimtune.train.checkpoint import latest_checkpoint, list_checkpoints
 from slimtune.train.config import TrainConfig
-from slimtune.train.loop import Trainer, TrainingDiverged
+from slimtune.train.loop import Trainer, TrainingDiverged, forward_loss
+from slimtune.train.loss import loss_positions
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.optim import lr_factor
 from slimtune.train.rng import seed_everything
@@ -201,3 +202,17 @@ def test_gradient_checkpointing_gives_same_grads(tmp_path: Path) -> None:
     ckpt.backward([pad_collate(rows)])
     for (name, p), q in zip(trainable_parameters(plain.model).items(), ckpt.params):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_logits_only_at_loss_positions_gives_the_same_loss(tmp_path: Path) -> None:
+    rows = random_rows(4)
+    trainer = make_trainer(tmp_path, rows, dropout=0.0)
+    batch = pad_collate(rows)
+    assert trainer.logits_to_keep
+    with torch.no_grad():
+        kept = forward_loss(trainer.model, batch, trainer.device, logits_to_keep=True)
+        full = forward_loss(trainer.model, batch, trainer.device, logits_to_keep=False)
+    assert int(kept[1]) == int(full[1]) == sum(len(r["input_ids"]) - 2 for r in rows)
+    torch.testing.assert_close(kept[0], full[0], atol=1e-5, rtol=1e-6)
+    positions = loss_positions(batch["labels"])
+    assert positions.tolist() == list(range(1, batch["labels"].shape[1] - 1))  # every row masks 2 tokens

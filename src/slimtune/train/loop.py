@@ -10,6 +10,7 @@ the data order is a pure function of (seed, epoch) (see slimtune.train.sampler),
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,7 +26,7 @@ from slimtune.train.checkpoint import Checkpointable, latest_checkpoint, load_ch
 from slimtune.train.config import TrainConfig
 from slimtune.train.device import autocast_dtype, model_device
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
-from slimtune.train.loss import count_loss_tokens, token_loss
+from slimtune.train.loss import count_loss_tokens, loss_positions, token_loss
 from slimtune.train.methods import trainable_parameters
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
@@ -55,6 +56,7 @@ class Trainer:
         self.device = model_device(model)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.params = list(trainable_parameters(model).values())
+        self.logits_to_keep = supports_logits_to_keep(model)
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.plan = plan or BatchPlan(len(train_rows), cfg.batch_size, cfg.seed)
@@ -134,14 +136,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for batch in group:
             with self.autocast():
-                loss_sum, _ = token_loss(self.forward(batch), batch["labels"])
+                loss_sum, _ = forward_loss(self.model, batch, self.device, self.logits_to_keep)
             self.ckpt.scaler.scale(loss_sum / n_loss_tokens).backward()
             total += loss_sum.detach()
         return total.item(), n_loss_tokens
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        inputs = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-        return self.model(**inputs, use_cache=False).logits
 
     def optimizer_step(self) -> float:
         scaler, optimizer = self.ckpt.scaler, self.ckpt.optimizer
@@ -151,10 +149,10 @@ class Trainer:
         scaler.step(optimizer)
         scaler.update()
         self.ckpt.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_and_allocate = getattr(getattr(self.model, "base_model", None), "update_and_allocate", None)
-        if callable(update_and_allocate):  # AdaLoRA re-allocates ranks after each step
+        update_and_allocate = getattr(self.model, "update_and_allocate", None)
+        if callable(update_and_allocate):  # PEFT per-step bookkeeping (AdaLoRA ranks: reads the grads)
             update_and_allocate(self.state.step)
+        optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
     def autocast(self) -> Any:
@@ -173,7 +171,7 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """Token-weighted eval loss and perplexity over all eval rows; updates early stopping."""
         eval_loss, n_tokens = evaluation_loss(self.model, self.eval_rows, self.collate, self.cfg.batch_size,
-                                              self.amp_dtype)
+                                              self.amp_dtype, self.logits_to_keep)
         self.model.train()
         self.update_early_stopping(eval_loss)
         return {"step": self.state.step, "eval_step": self.state.step, "eval_loss": eval_loss,
@@ -216,18 +214,37 @@ class Trainer:
 
 @torch.no_grad()
 def evaluation_loss(model: nn.Module, rows: Sequence[Row], collate: Callable[[list[Row]], Batch], batch_size: int,
-                    amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+                    amp_dtype: torch.dtype | None = None, logits_to_keep: bool | None = None) -> tuple[float, int]:
     """(mean next-token loss over every loss token of `rows`, number of loss tokens); model left in eval()."""
     model.eval()
     device = model_device(model)
+    keep = supports_logits_to_keep(model) if logits_to_keep is None else logits_to_keep
     loss_sum, n_tokens = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = collate(list(rows[i : i + batch_size]))
-        inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            s, n = token_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+            s, n = forward_loss(model, batch, device, keep)
         loss_sum, n_tokens = loss_sum + s.item(), n_tokens + int(n)
     return loss_sum / max(1, n_tokens), n_tokens
+
+
+def forward_loss(model: nn.Module, batch: Batch, device: torch.device,
+                 logits_to_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of token losses, loss tokens) of one batch; logits only at loss positions if supported."""
+    inputs: dict[str, Any] = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    positions = loss_positions(batch["labels"]) if logits_to_keep else None
+    if positions is not None:
+        inputs["logits_to_keep"] = positions.to(device)
+    return token_loss(model(**inputs, use_cache=False).logits, batch["labels"], positions)
+
+
+def supports_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the (wrapped) transformers model accepts `logits_to_keep` (see loss.loss_positions)."""
+    configs = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "num_virtual_tokens", None) for c in configs.values()):
+        return False  # virtual tokens shift every position
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class _Window:

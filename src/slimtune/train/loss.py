@@ -15,23 +15,36 @@ IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt, padding, packing boundaries)."""
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_loss(logits: torch.Tensor, labels: torch.Tensor,
+               positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token cross-entropies, number of loss tokens).
 
-    logits: (B, T, V) scores for the token after each position; labels: (B, T) aligned with the inputs,
-    IGNORE_INDEX where no loss. Position t predicts labels[t + 1], so both are shifted by one.
+    labels: (B, T) aligned with the inputs, IGNORE_INDEX where no loss; position t predicts labels[t + 1].
+    logits: (B, T, V) for every position, or (B, K, V) for `positions` (K,) only (see loss_positions).
     The reduction runs in fp32 whatever the autocast dtype.
     """
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:].to(shift_logits.device)  # (B, T-1)
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return total, count_loss_tokens(shift_labels, shifted=True)
+    if positions is None:
+        # Prompt tuning / p-tuning prepend virtual tokens: their logits come first and carry no label.
+        logits = logits[:, logits.size(1) - labels.size(1) :]
+        logits, targets = logits[:, :-1, :], labels[:, 1:]  # (B, T-1, V), (B, T-1)
+    else:
+        targets = labels[:, positions.to(labels.device) + 1]  # (B, K)
+    targets = targets.to(logits.device)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
 
 
-def count_loss_tokens(labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
-    """Positions that contribute to the loss; `labels` (B, T) unshifted unless `shifted`."""
-    labels = labels if shifted else labels[:, 1:]
-    return (labels != IGNORE_INDEX).sum()
+def loss_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(K,) positions t whose next token labels[:, t + 1] carries loss in at least one row.
+
+    # Note: logits only where there is loss
+    Passed to the model as `logits_to_keep`, the (B, T, V) logits shrink to (B, K, V): prompt and padding
+    positions cost no lm_head matmul and no fp32 copy (large vocabularies: ~1 GB per 2k-token row).
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Positions of `labels` (B, T), unshifted, that contribute to the loss."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum()

@@ -69,7 +69,8 @@ def find_targets(
         if not WRAPPER_PARTS.isdisjoint(name.split(".")):
             continue
         if all_linear:
-            if not is_linear_like(module) or name in heads:
+            layer = module._modules.get("base_layer", module)  # an adapter wrapper counts as its base layer
+            if not is_linear_like(layer) or name in heads:
                 continue
         elif not _matches(name, target_modules):
             continue

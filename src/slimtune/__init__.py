@@ -5,6 +5,8 @@ are saved in peft's file format. QLoRA needs no bitsandbytes: `load_model(path, 
 """
 
 from slimtune.config import PeftConfig, PeftType, TaskType
+from slimtune.methods.adalora.config import AdaLoraConfig
+from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.lora.config import LoraConfig
 from slimtune.models import default_model_path
 from slimtune.peft_model import PeftModel, get_peft_model
@@ -19,6 +21,8 @@ from slimtune.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
+    "IA3Config",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",

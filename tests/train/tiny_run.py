@@ -86,3 +86,32 @@ def pad_collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         n = len(r["input_ids"])
         ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+GOLDEN_METHODS = ("lora", "dora", "qlora", "full")
+"""Methods whose 2 epochs x 2 steps losses are pinned in tests/train/golden/<method>.json."""
+
+
+def golden_config(root: Path, model_dir: Path, method: str) -> Path:
+    """The golden run's YAML: 8 alpaca rows, batch 2 x accumulation 2 -> 2 steps per epoch, 2 epochs."""
+    import yaml
+
+    train, evals = write_alpaca(root / "train.jsonl", 8), write_alpaca(root / "eval.jsonl", 3, offset=8)
+    peft = {} if method == "full" else {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.1}
+    raw = {
+        "model": str(model_dir), "method": method, "peft": peft,
+        "data": {"path": str(train), "eval_path": str(evals)},
+        "train": {"epochs": 2, "batch_size": 2, "grad_accum": 2, "lr": 1.0e-2 if method != "full" else 1.0e-3,
+                  "max_seq_len": 64, "seed": 0, "log_every": 1, "eval_every": 2, "save_every": 2,
+                  "precision": "fp32", "device": "cpu", "tensorboard": False},
+        "output_dir": str(root / f"run-{method}"),
+    }
+    path = root / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"loss": [r["loss"] for r in rows if "loss" in r], "lr": [r["lr"] for r in rows if "lr" in r],
+            "eval_loss": [r["eval_loss"] for r in rows if "eval_loss" in r]}

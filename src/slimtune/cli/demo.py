@@ -37,15 +37,17 @@ def demo_config(model: str, steps: int, output_dir: Path) -> Any:
     })
 
 
-def run_demo(steps: int, output_dir: Path, console: Console) -> None:
+def run_demo(steps: int, output_dir: Path, console: Console, model_path: Path | None = None,
+             progress: bool = True) -> None:
+    """Train, then show before/after; `model_path` replaces SmolLM2 (tests use a tiny model)."""
     from slimtune.models import default_model_path
     from slimtune.train.run import run_training
 
     start = time.perf_counter()
     clear_previous_demo(output_dir, console)
     console.print("[bold]slimtune demo[/bold]: LoRA on SmolLM2-135M-Instruct, WordNet definitions, CPU")
-    model_path = default_model_path()
-    result = run_training(demo_config(str(model_path), steps, output_dir), console=console)
+    model_path = model_path or default_model_path()
+    result = run_training(demo_config(str(model_path), steps, output_dir), progress=progress, console=console)
     model, tokenizer, data = result.model, result.tokenizer, result.data
     prompts = held_out_prompts(N_PROMPTS)
     after_loss = result.state.last("eval_loss")

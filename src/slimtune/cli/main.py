@@ -81,7 +81,7 @@ def data_inspect(
         tokenizer = load_tokenizer(cfg.model)
         report = inspect_data(cfg.data, tokenizer, cfg.train.max_seq_len, seed=cfg.train.seed,
                               sample_index=sample)
-        Console().print(report.render(markup=True), highlight=False)
+        Console().print(report.render(markup=True), highlight=False, soft_wrap=True)
 
     _guarded(body)
 

@@ -1,0 +1,144 @@
+"""`slimtune train` end to end on a tiny Llama: golden losses, run folder contents, resume, user errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_run import GOLDEN_METHODS, golden_config, read_metrics, write_alpaca
+from typer.testing import CliRunner
+
+from slimtune.cli.main import app
+
+GOLDEN = Path(__file__).resolve().parents[1] / "train" / "golden"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.mark.parametrize("method", GOLDEN_METHODS)
+def test_train_matches_golden_losses(tmp_path: Path, tiny_model_dir: Path, method: str) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, method)
+    result = invoke("train", str(config), "--no-progress")
+    assert result.exit_code == 0, result.output
+    golden = json.loads((GOLDEN / f"{method}.json").read_text())
+    got = read_metrics(tmp_path / f"run-{method}")
+    assert len(got["loss"]) == 4 and len(got["eval_loss"]) == 2
+    for key in ("loss", "lr", "eval_loss"):
+        assert got[key] == pytest.approx(golden[key], rel=1e-5, abs=1e-6), key
+
+
+def test_run_folder_contents(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    assert invoke("train", str(config), "--no-progress").exit_code == 0
+    run = tmp_path / "run-lora"
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "adapter", "checkpoints", "metrics.jsonl",
+                                               "loss.png", "README.md"}
+    adapter = run / "adapter"
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
+            "generation_config.json"} <= {p.name for p in adapter.iterdir()}
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["grad_accum"] == 2 and resolved["data"]["format"] == "auto"
+    card = (run / "README.md").read_text()
+    golden = json.loads((GOLDEN / "lora.json").read_text())
+    assert f"final eval loss | {golden['eval_loss'][-1]:.4f}" in card and "4 optimizer steps" in card
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    # the final adapter holds the final trained weights
+    final = load_file(str(adapter / "adapter_model.safetensors"))
+    ckpt = load_file(str(run / "checkpoints" / "step-4" / "trainable.safetensors"))
+    def q_proj_a(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        return next(v for k, v in tensors.items() if "layers.1.self_attn.q_proj" in k and "lora_A" in k)
+
+    assert torch.equal(q_proj_a(final), q_proj_a(ckpt))
+
+
+def test_full_method_saves_a_whole_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = golden_config(tmp_path, tiny_model_dir, "full")
+    assert invoke("train", str(config), "--no-progress").exit_code == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run-full" / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_resume_through_the_cli_is_bit_identical(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    constant = ["--train.scheduler", "constant", "--no-progress"]  # a 2-step run then has the 4-step run's lr
+    assert invoke("train", str(config), *constant).exit_code == 0
+    full = load_file(str(tmp_path / "run-lora" / "adapter" / "adapter_model.safetensors"))
+    # stop after epoch 1 (max_steps 2), then resume the 2-epoch run from its step-2 checkpoint
+    short = [*constant, "--output_dir", str(tmp_path / "resumed")]
+    assert invoke("train", str(config), *short, "--train.max_steps", "2").exit_code == 0
+    result = invoke("train", str(config), *short, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.output
+    resumed = load_file(str(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert read_metrics(tmp_path / "resumed") == read_metrics(tmp_path / "run-lora")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--train.lrr", "1"], "unknown key 'lrr' in section 'train'; did you mean 'lr'?"),
+        (["--method", "prefix_tuning", "--peft", "{}"], "method 'prefix_tuning'"),
+        (["--model", "/nonexistent/model"], "model: cannot load"),
+        (["--data.path", "/nonexistent.jsonl"], "nonexistent.jsonl"),
+        (["--resume"], "--resume: no complete checkpoint"),
+    ],
+)
+def test_user_errors_are_one_red_line_exit_2(tmp_path: Path, tiny_model_dir: Path, args: list[str],
+                                             message: str) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    result = invoke("train", str(config), "--no-progress", *args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("error:")
+
+
+def test_existing_run_needs_resume(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    assert invoke("train", str(config), "--no-progress", "--train.max_steps", "1").exit_code == 0
+    result = invoke("train", str(config), "--no-progress")
+    assert result.exit_code == 2 and "already holds checkpoints (step-1): pass --resume" in result.output
+
+
+@pytest.mark.parametrize("example", ["lora", "dora", "qlora", "full"])
+def test_shipped_examples_train_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, example: str) -> None:
+    data = write_alpaca(tmp_path / "rows.jsonl", 6)
+    result = invoke("train", str(EXAMPLES / f"{example}.yaml"), "--no-progress", "--model", str(tiny_model_dir),
+                    "--data.path", str(data), "--output_dir", str(tmp_path / "run"), "--train.max_steps", "2",
+                    "--train.precision", "fp32", "--train.device", "cpu", "--train.max_seq_len", "64")
+    assert result.exit_code == 0, result.output
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows["eval_loss"]) == 1 and all(0 < v < 10 for v in rows["loss"] + rows["eval_loss"])
+
+
+def test_python_dash_m_and_help(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "slimtune", "train", "--help"], capture_output=True, text=True,
+                         env={"COLUMNS": "200", "PATH": "", "HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "train.grad_accum" in out.stdout and "Micro-batches accumulated per optimizer step" in out.stdout
+    assert "peft.lora_alpha" in out.stdout and "data.packing" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "slimtune", "train", str(tmp_path / "missing.yaml")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "config file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_data_inspect(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code == 0, result.output
+    assert "examples: train 8, eval 3" in result.output and "format alpaca" in result.output
+    assert "What does" in result.output

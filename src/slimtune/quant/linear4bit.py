@@ -1,7 +1,8 @@
 """Linear4bit: a frozen nn.Linear whose weight is stored as packed 4-bit NF4/FP4 codes.
 
-Forward dequantizes the weight to the compute dtype and runs a plain matmul; backward returns only
-the input gradient and dequantizes again instead of keeping the full-precision weight alive, so a
+Forward dequantizes the weight to the compute dtype (on CUDA: Triton, into a reused buffer, see
+kernels/dispatch.py; decode-size inference inputs use the fused 4-bit matmul) and runs a plain
+matmul; backward returns only the input gradient and dequantizes again instead of keeping the full-precision weight alive, so a
 layer costs ~0.5 byte per weight (+ scales) at rest and during backward. The weight is a frozen
 uint8 Parameter named `weight` and the module's state_dict is bitsandbytes' Linear4bit layout
 (`weight` + `weight.absmax`, `weight.quant_map`, ... see quant/state.py), so checkpoints are
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
 from slimtune.quant.nf4 import dequantize_4bit, quantize_4bit
 from slimtune.quant.state import QuantState
 
@@ -42,7 +44,7 @@ class _Linear4bitMatmul(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(packed)
         ctx.state = state
-        weight = dequantize_4bit(packed, state).to(x.dtype)  # (out, in)
+        weight = dequantize_to_buffer(packed, state, x.dtype)  # (out, in), see kernels/dispatch.py
         # bias inside the same linear call, as bitsandbytes does (fused add rounds differently).
         return torch.nn.functional.linear(x, weight, bias)
 
@@ -53,7 +55,7 @@ class _Linear4bitMatmul(torch.autograd.Function):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             (packed,) = ctx.saved_tensors
-            weight = dequantize_4bit(packed, ctx.state).to(grad_out.dtype)  # see Note: memory of the backward
+            weight = dequantize_to_buffer(packed, ctx.state, grad_out.dtype)  # Note: memory of the backward
             grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
             del weight
         if ctx.needs_input_grad[3]:
@@ -123,6 +125,12 @@ class Linear4bit(nn.Module):
         input_dtype = x.dtype
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if use_triton(x) and not (torch.is_grad_enabled() and x.requires_grad):
+            # Inference on CUDA: decode-size inputs take the fused dequantize-matmul (kernels/nf4_matmul.py).
+            from slimtune.kernels.lora_linear import base_matmul
+
+            out = base_matmul(x.reshape(-1, self.in_features), self.weight, self.quant_state, bias)
+            return out.reshape(*x.shape[:-1], self.out_features).to(input_dtype)
         return _Linear4bitMatmul.apply(x, self.weight, self.quant_state, bias).to(input_dtype)
 
     def extra_repr(self) -> str:

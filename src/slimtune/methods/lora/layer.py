@@ -114,6 +114,8 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
+        if not (args or kwargs) and self._fused_ok(x):
+            return self._fused_forward(x)
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
@@ -133,6 +135,33 @@ class LoraLayer(nn.Module):
             xa = x.to(adapter.lora_A.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
             result = result + adapter(xa, result, weight, bias)
         return result.to(out_dtype)
+
+    # ---- fast path (kernels/lora_linear.py) -----------------------------------------------------
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """One plain LoRA adapter (no dropout, no DoRA) on a frozen Linear/Linear4bit, x in its dtype."""
+        if self.disabled or self.merged or self.is_embedding or self.fan_in_fan_out or len(self.active) != 1:
+            return False
+        from slimtune.kernels.dispatch import use_fused
+
+        if not use_fused(x) or torch.is_autocast_enabled(x.device.type):
+            return False
+        adapter = self.adapters[self.active[0]]
+        if adapter.lora_magnitude_vector is not None or (
+                not isinstance(adapter.lora_dropout, nn.Identity) and adapter.lora_dropout.training):
+            return False
+        base = self.base_layer
+        if _is_4bit(base):
+            return x.dtype == base.compute_dtype
+        return type(base) is nn.Linear and not base.weight.requires_grad and x.dtype == base.weight.dtype
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from slimtune.kernels.lora_linear import lora_linear
+
+        adapter, base = self.adapters[self.active[0]], self.base_layer
+        state = base.quant_state if _is_4bit(base) else None
+        bias = None if base.bias is None else base.bias.to(x.dtype)
+        return lora_linear(x, base.weight, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling,
+                           bias, state)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -1,0 +1,18 @@
+"""slimtune.kernels: fast paths for 4-bit dequantization, decode matmuls, fused LoRA and the LM-head loss.
+
+Each kernel sits beside a plain-torch reference computing the same function, and tests/kernels checks
+values and gradients against it (on CPU under TRITON_INTERPRET=1, on a GPU with `-m gpu`).
+
+    nf4_dequant.py    Triton: packed NF4/FP4 (+ double-quantized absmax) -> bf16/fp16/fp32
+    nf4_matmul.py     Triton: fused dequantize-matmul for decode-size inputs (M <= 16 rows)
+    lora_linear.py    torch autograd.Function: base matmul + LoRA in one op, manual backward
+    cross_entropy.py  torch autograd.Function: chunked LM-head cross-entropy, no (N, V) fp32 logits
+    dispatch.py       when the fast paths are used, and the reused dequantization buffer
+
+Triton is imported lazily (only when a CUDA tensor takes a Triton path): CPU installs need no Triton.
+"""
+
+from slimtune.kernels.cross_entropy import chunked_linear_cross_entropy
+from slimtune.kernels.dispatch import fast_path_mode, set_fast_path, triton_available
+
+__all__ = ["chunked_linear_cross_entropy", "fast_path_mode", "set_fast_path", "triton_available"]

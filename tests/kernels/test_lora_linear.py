@@ -1,0 +1,151 @@
+"""Fused LoRA linear: values and gradients against the plain formula and against LoraLayer's plain path."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune import LoraConfig, get_peft_model
+from slimtune.kernels import set_fast_path
+from slimtune.kernels.lora_linear import lora_linear, lora_linear_reference
+from slimtune.methods.lora.layer import LoraLayer
+from slimtune.quant.linear4bit import Linear4bit
+from slimtune.quant.nf4 import quantize_4bit
+
+
+@pytest.fixture(autouse=True)
+def _restore_mode():
+    yield
+    set_fast_path("auto")
+
+
+def _grads(out: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    g = torch.randn_like(out)
+    return list(torch.autograd.grad(out, tensors, g))
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_values_and_grads_match_reference(four_bit, bias):
+    torch.manual_seed(0)
+    n, d_in, d_out, r, s = 10, 64, 48, 4, 0.7
+    x = torch.randn(2, n // 2, d_in, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(d_out, d_in, dtype=torch.float64)
+    state = None
+    if four_bit:
+        weight, state = quantize_4bit(weight.float(), "nf4", 64, True)
+        state.dtype = torch.float64  # dequantize straight to x's dtype for an fp64 comparison
+    a = torch.randn(r, d_in, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_out, r, dtype=torch.float64, requires_grad=True)
+    bvec = torch.randn(d_out, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [x, a, b] + ([bvec] if bias else [])
+    torch.manual_seed(1)
+    out = lora_linear(x, weight, a, b, s, bvec, state)
+    got = _grads(out, *inputs)
+    torch.manual_seed(1)
+    ref = lora_linear_reference(x, weight, a, b, s, bvec, state)
+    want = _grads(ref, *inputs)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_bf16_close_to_fp32_reference():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64)
+    weight, a, b = torch.randn(48, 64) / 8, torch.randn(8, 64) / 8, torch.randn(48, 8) / 8
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = lora_linear(x.bfloat16(), weight.bfloat16(), a, b, 2.0)
+    ref = lora_linear_reference(x, weight.bfloat16().float(), a, b, 2.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    ga = torch.autograd.grad(out.float().sum(), (a, b))
+    gr = torch.autograd.grad(ref.sum(), (a, b))
+    for g, w in zip(ga, gr):
+        assert g.dtype == torch.float32
+        assert (g - w).norm() / w.norm() < 1e-2
+
+
+def test_frozen_weight_required():
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(torch.randn(2, 4), nn.Parameter(torch.randn(3, 4)), torch.randn(1, 4), torch.randn(3, 1), 1.0)
+
+
+def _tiny_llama(four_bit: bool, dropout: float = 0.0, dora: bool = False) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    if four_bit:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and name != "lm_head":
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module))
+    model.requires_grad_(False)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, init_lora_weights="gaussian",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    model = get_peft_model(model, config)
+    for layer in model.modules():  # B != 0 so the adapters matter
+        if isinstance(layer, LoraLayer):
+            nn.init.normal_(layer.adapters["default"].lora_B.weight, std=0.1)
+    return model
+
+
+def _loss_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_lora_layer_fast_path_matches_plain_path(four_bit):
+    model = _tiny_llama(four_bit)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    set_fast_path("off")
+    loss_plain, grads_plain = _loss_and_grads(model, ids)
+    set_fast_path("on")
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert layer._fused_ok(torch.randn(1, 64))
+    loss_fast, grads_fast = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-5)
+    assert grads_fast.keys() == grads_plain.keys() and len(grads_fast) == 2 * 7 * 2
+    for name in grads_plain:
+        torch.testing.assert_close(grads_fast[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("case", ["dropout", "dora", "two_adapters", "disabled", "autocast"])
+def test_unsupported_cases_take_plain_path(case):
+    model = _tiny_llama(False, dropout=0.1 if case == "dropout" else 0.0, dora=case == "dora")
+    model.train()
+    set_fast_path("on")
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    x = torch.randn(1, 64)
+    if case == "two_adapters":
+        layer.add("other", copy.deepcopy(layer.adapters["default"]))
+        layer.set_active(["default", "other"], trainable=True)
+    if case == "disabled":
+        layer.disabled = True
+    if case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not layer._fused_ok(x)
+        return
+    assert not layer._fused_ok(x)
+    # and the plain path still trains: finite loss, gradients on the adapters
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grad = layer.adapters["default"].lora_A.weight.grad
+    assert torch.isfinite(loss) and (grad is None if case == "disabled" else grad.abs().sum() > 0)
+
+
+def test_auto_mode_is_off_on_cpu():
+    set_fast_path("auto")
+    layer = next(m for m in _tiny_llama(False).modules() if isinstance(m, LoraLayer))
+    assert not layer._fused_ok(torch.randn(1, 64))
+    with pytest.raises(ValueError, match="allowed"):
+        set_fast_path("fast")

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from slimtune.cli.demo import held_out_prompts, run_demo
+from slimtune.cli.demo import clear_previous_demo, held_out_prompts, run_demo
 from slimtune.cli.main import app
 
 
@@ -18,19 +18,18 @@ def test_demo_trains_and_shows_before_after(tmp_path: Path, tiny_model_dir: Path
                                             capsys: pytest.CaptureFixture[str]) -> None:
     log = io.StringIO()
     run_demo(steps=3, output_dir=tmp_path / "demo", console=Console(file=log, width=200),
-             model_path=tiny_model_dir, progress=False)
+             model_path=tiny_model_dir, progress=False, n_held_out=16)
     table = capsys.readouterr().out
     for word in ("indicator", "denial", "fierce", "trial"):
         assert word in table
-    match = re.search(r"held-out loss \(200 rows\): before (\d+\.\d+) -> after (\d+\.\d+)", log.getvalue())
+    match = re.search(r"held-out loss \(16 rows\): before (\d+\.\d+) -> after (\d+\.\d+)", log.getvalue())
     assert match, log.getvalue()
     before, after = map(float, match.groups())
     assert after < before
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     # a second demo into the same folder replaces the first run
-    run_demo(steps=1, output_dir=tmp_path / "demo", console=Console(file=log, width=200),
-             model_path=tiny_model_dir, progress=False)
-    assert "replacing the earlier run" in log.getvalue()
+    clear_previous_demo(tmp_path / "demo", Console(file=log))
+    assert "replacing the earlier run" in log.getvalue() and not (tmp_path / "demo").exists()
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path: Path) -> None:

@@ -216,3 +216,30 @@ def test_logits_only_at_loss_positions_gives_the_same_loss(tmp_path: Path) -> No
     torch.testing.assert_close(kept[0], full[0], atol=1e-5, rtol=1e-6)
     positions = loss_positions(batch["labels"])
     assert positions.tolist() == list(range(1, batch["labels"].shape[1] - 1))  # every row masks 2 tokens
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    make_trainer(tmp_path, random_rows(8), max_steps=3, tensorboard=True).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tb = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [s for s, _ in tb] == [1, 2, 3]
+    assert [v for _, v in tb] == pytest.approx(losses(tmp_path), rel=1e-6)
+    assert "train/lr" in events.Tags()["scalars"]
+
+
+def test_progress_bar_shows_loss_lr_speed_memory() -> None:
+    import io
+
+    from rich.console import Console
+
+    from slimtune.train.logs import ProgressBar
+
+    out = io.StringIO()
+    console = Console(file=out, width=160, force_terminal=False)
+    with ProgressBar(total=10, start=0, console=console, enabled=True) as bar:
+        bar.update(4, {"loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1234.5, "memory_gb": 0.5})
+    text = out.getvalue()
+    assert "4/10" in text and "loss 1.2346  lr 2.00e-04  1,234 tok/s  mem 0.50 GiB" in text and "ETA" in text

@@ -19,17 +19,18 @@ from rich.table import Table
 
 DATASET = "slimtune:wordnet_instruct"
 N_PROMPTS = 4
+N_HELD_OUT = 100
 MAX_NEW_TOKENS = 40
 
 
-def demo_config(model: str, steps: int, output_dir: Path) -> Any:
+def demo_config(model: str, steps: int, output_dir: Path, held_out: Path) -> Any:
     from slimtune.train.run_config import RunConfig
 
     return RunConfig.from_dict({
         "model": model,
         "method": "lora",
         "peft": {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
-        "data": {"path": DATASET},
+        "data": {"path": DATASET, "eval_path": str(held_out)},
         "train": {"max_steps": steps, "batch_size": 8, "lr": 1.0e-3, "warmup_steps": min(5, steps // 10),
                   "scheduler": "cosine", "max_seq_len": 128, "log_every": 5, "save_every": max(steps, 1),
                   "precision": "fp32", "device": "cpu"},
@@ -38,8 +39,9 @@ def demo_config(model: str, steps: int, output_dir: Path) -> Any:
 
 
 def run_demo(steps: int, output_dir: Path, console: Console, model_path: Path | None = None,
-             progress: bool = True) -> None:
-    """Train, then show before/after; `model_path` replaces SmolLM2 (tests use a tiny model)."""
+             progress: bool = True, n_held_out: int = N_HELD_OUT) -> None:
+    """Train, then show before/after on the first `n_held_out` shipped eval rows; `model_path` replaces
+    SmolLM2 (tests use a tiny model)."""
     from slimtune.models import default_model_path
     from slimtune.train.run import run_training
 
@@ -47,7 +49,9 @@ def run_demo(steps: int, output_dir: Path, console: Console, model_path: Path | 
     clear_previous_demo(output_dir, console)
     console.print("[bold]slimtune demo[/bold]: LoRA on SmolLM2-135M-Instruct, WordNet definitions, CPU")
     model_path = model_path or default_model_path()
-    result = run_training(demo_config(str(model_path), steps, output_dir), progress=progress, console=console)
+    held_out = write_held_out(output_dir / "held_out.jsonl", n_held_out)
+    result = run_training(demo_config(str(model_path), steps, output_dir, held_out), progress=progress,
+                          console=console)
     model, tokenizer, data = result.model, result.tokenizer, result.data
     prompts = held_out_prompts(N_PROMPTS)
     after_loss = result.state.last("eval_loss")
@@ -70,13 +74,26 @@ def clear_previous_demo(output_dir: Path, console: Console) -> None:
     shutil.rmtree(output_dir)
 
 
-def held_out_prompts(n: int) -> list[dict[str, Any]]:
-    """The first `n` rows of the shipped eval file, as chat messages plus the reference answer."""
-    from slimtune.data import to_sample
+def shipped_eval_file() -> Path:
     from slimtune.data.loading import builtin_dataset_files
 
     eval_file = builtin_dataset_files(DATASET)[1]
     assert eval_file is not None, "the WordNet dataset ships an eval.jsonl"
+    return eval_file
+
+
+def write_held_out(path: Path, n: int) -> Path:
+    """The first `n` rows of the shipped eval file (fewer rows: a faster before/after loss)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in shipped_eval_file().read_text().splitlines()[:n]))
+    return path
+
+
+def held_out_prompts(n: int) -> list[dict[str, Any]]:
+    """The first `n` rows of the shipped eval file, as chat messages plus the reference answer."""
+    from slimtune.data import to_sample
+
+    eval_file = shipped_eval_file()
     rows = [json.loads(line) for line in eval_file.read_text().splitlines()[:n]]
     samples = [to_sample(row, "alpaca", f"{eval_file}:{i + 1}") for i, row in enumerate(rows)]
     return [{"messages": [m for m in s.messages if m["role"] != "assistant"], "reference": row["output"]}

@@ -16,7 +16,12 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from slimtune.cli.chat_cmd import chat_command
+from slimtune.cli.eval_cmd import eval_command
+from slimtune.cli.export_cmd import export_command
 from slimtune.cli.help import config_help
+from slimtune.cli.merge_cmd import merge_command
+from slimtune.cli.serve_cmd import serve_command
 
 app = typer.Typer(
     name="slimtune", no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
@@ -57,7 +62,7 @@ def train(
         _quiet_transformers()
         run_training(cfg, resume=resume, progress=progress, console=console)
 
-    _guarded(body)
+    _guarded(body, interrupted="interrupted; continue with `slimtune train CONFIG --resume`")
 
 
 @data_app.command("inspect", context_settings=OVERRIDES)
@@ -107,7 +112,7 @@ def demo(
     _guarded(body)
 
 
-def _guarded(body: Callable[[], Any]) -> None:
+def _guarded(body: Callable[[], Any], interrupted: str = "interrupted") -> None:
     """Run a command body, turning user errors into one red line and an exit code."""
     from slimtune.train.loop import TrainingDiverged
 
@@ -118,7 +123,7 @@ def _guarded(body: Callable[[], Any]) -> None:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         _fail(str(err), EXIT_USER_ERROR, err)
     except KeyboardInterrupt as err:
-        _fail("interrupted; continue with `slimtune train CONFIG --resume`", 130, err)
+        _fail(interrupted, 130, err)
 
 
 def _fail(message: str, code: int, err: BaseException) -> None:
@@ -135,6 +140,14 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+# Commands written beside this file by the eval / infer / export work; each uses _guarded above.
+app.command("eval")(eval_command)
+app.command("chat")(chat_command)
+app.command("merge")(merge_command)
+app.command("export")(export_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:

@@ -149,3 +149,21 @@ def test_auto_mode_is_off_on_cpu():
     assert not layer._fused_ok(torch.randn(1, 64))
     with pytest.raises(ValueError, match="allowed"):
         set_fast_path("fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("four_bit", [False, True])
+def test_gpu_fast_path_matches_plain_path_bf16(four_bit):
+    model = _tiny_llama(four_bit).to("cuda", torch.bfloat16)
+    for layer in model.modules():  # adapters in fp32, as get_peft_model makes them on a bf16 model
+        if isinstance(layer, LoraLayer):
+            layer.adapters.float()
+    ids = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(0)).cuda()
+    set_fast_path("off")
+    loss_plain, grads_plain = _loss_and_grads(model, ids)
+    set_fast_path("auto")
+    loss_fast, grads_fast = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-2, atol=1e-2)
+    for name in grads_plain:
+        g, w = grads_fast[name].float(), grads_plain[name].float()
+        assert ((g - w).norm() / w.norm()).item() < 3e-2, name

@@ -53,3 +53,26 @@ def test_gpu_llama_shapes_bf16(m, n, k):
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     ref = matmul_4bit_reference(x.double(), packed, state)
     assert _rel(matmul_4bit_triton(x, packed, state), ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_linear4bit_routes_decode_and_training():
+    from slimtune.kernels import set_fast_path
+    from slimtune.quant.linear4bit import Linear4bit
+
+    layer = Linear4bit.from_linear(torch.nn.Linear(1024, 512, bias=True, dtype=torch.bfloat16, device="cuda"))
+    x = torch.randn(3, 1024, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        fast = layer(x)  # fused GEMV
+        set_fast_path("off")
+        plain = layer(x)
+        set_fast_path("auto")
+    assert _rel(fast, plain.double()) < 1e-2
+    xg = torch.randn(40, 1024, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    y = layer(xg)  # Triton dequantization into the shared buffer: bit-identical to the plain path
+    (g,) = torch.autograd.grad(y.float().sum(), xg)
+    set_fast_path("off")
+    y_plain = layer(xg)
+    (g_plain,) = torch.autograd.grad(y_plain.float().sum(), xg)
+    set_fast_path("auto")
+    assert torch.equal(y, y_plain) and torch.equal(g, g_plain)

@@ -1,0 +1,132 @@
+"""run_bench: slimtune vs peft (+ bitsandbytes for 4-bit) on the reference workloads, one process, one card.
+
+    from slimtune.bench import run_bench
+    report = run_bench(["8b-qlora-b1", "8b-qlora-b4"])      # prints the table, returns the rows
+
+Rows are measured one after the other in this process (each model freed before the next is built),
+so every ratio compares two numbers from the same run on the same card (DESIGN.md, Performance
+protocol). MFU = tokens/s x flops_per_token / peak, with the measured dense bf16 peak of an H100/H200
+(790 TFLOP/s) by default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from slimtune.bench.models import flops_per_token
+from slimtune.bench.training import Measurement, Workload, measure
+
+__all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table"]
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("1b-lora-b4", "1b", False, 4),
+    Workload("1b-qlora-b4", "1b", True, 4),
+    Workload("8b-lora-b1", "8b", False, 1),
+    Workload("8b-qlora-b1", "8b", True, 1),
+    Workload("8b-qlora-b4", "8b", True, 4),
+    Workload("70b-qlora-b1", "70b", True, 1),
+    Workload("tiny-lora-b2", "tiny", False, 2),
+    Workload("tiny-qlora-b2", "tiny", True, 2),
+)}
+DEFAULT_WORKLOADS = ("1b-lora-b4", "1b-qlora-b4", "8b-lora-b1", "8b-qlora-b1", "8b-qlora-b4", "70b-qlora-b1")
+
+
+@dataclass
+class BenchReport:
+    """All rows of one run plus what the run was: card, versions, settings."""
+
+    rows: list[Measurement]
+    card: str
+    versions: dict[str, str]
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def ratio(self, workload: str) -> dict[str, float] | None:
+        """slimtune / baseline: tokens/s (speedup) and peak memory; None without both rows ok."""
+        mine = next((r for r in self.rows if r.workload == workload and r.library == "slimtune"), None)
+        base = next((r for r in self.rows if r.workload == workload and r.library != "slimtune"), None)
+        if not mine or not base or mine.status != "ok" or base.status != "ok":
+            return None
+        return {"speedup": mine.tokens_per_s / base.tokens_per_s, "memory": mine.peak_gib / max(base.peak_gib, 1e-9),
+                "model_memory": mine.model_gib / max(base.model_gib, 1e-9)}
+
+    def to_json(self) -> str:
+        return json.dumps({"card": self.card, "versions": self.versions, "settings": self.settings,
+                           "rows": [asdict(r) for r in self.rows],
+                           "ratios": {w: self.ratio(w) for w in dict.fromkeys(r.workload for r in self.rows)}},
+                          indent=1)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    out = {"torch": torch.__version__, "transformers": transformers.__version__}
+    for name in ("peft", "bitsandbytes", "triton"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - an absent or broken optional package is just not listed
+            out[name] = "absent"
+    return out
+
+
+def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: str | None = None,
+              seq_len: int = 2048, warmup: int = 2, steps: int = 3, baseline: bool = True,
+              skip_baseline: tuple[str, ...] = (), peak_flops: float = 790e12, max_step_seconds: float = 60.0,
+              json_path: str | None = None, verbose: bool = True) -> BenchReport:
+    """Run the workloads for slimtune and (unless baseline=False) peft / peft+bitsandbytes; print the table.
+
+    Args:
+        workloads: names from WORKLOADS (default: the six reference workloads).
+        device: "cuda" (default when present) or "cpu" (smoke runs on the tiny preset; no timing value).
+        seq_len, warmup, steps: tokens per row of the batch, untimed steps, timed steps.
+        skip_baseline: workloads that run slimtune only (e.g. a baseline too slow for the time budget).
+        peak_flops: the card's dense bf16 rate for MFU (790e12 measured on H100/H200 here).
+        max_step_seconds: measured steps are cut so that one row takes about this long.
+        json_path: also write the report as JSON there.
+    """
+    names = list(workloads or DEFAULT_WORKLOADS)
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workloads {unknown}; allowed: {sorted(WORKLOADS)}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    report = BenchReport([], card, _versions(), dict(seq_len=seq_len, warmup=warmup, steps=steps, dtype=str(dtype),
+                                                      peak_flops=peak_flops, lora="r=16 alpha=16 dropout=0 7 proj"))
+    for name in names:
+        work = WORKLOADS[name]
+        libraries = ["slimtune"]
+        if baseline and name not in skip_baseline:
+            libraries.append("peft+bnb" if work.quantized else "peft")
+        for library in libraries:
+            row = measure(work, library, dev, dtype, seq_len, warmup, steps, max_step_seconds)
+            row.mfu = row.tokens_per_s * flops_per_token(work.preset, seq_len) / peak_flops
+            report.rows.append(row)
+            if verbose:
+                print(f"[bench] {row}", flush=True)
+        if baseline and name in skip_baseline:
+            report.rows.append(Measurement(name, "peft+bnb" if work.quantized else "peft", status="skipped"))
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(report.to_json())
+    if verbose:
+        print(format_table(report), flush=True)
+    return report
+
+
+def format_table(report: BenchReport) -> str:
+    """A fixed-width text table: one line per (workload, library), ratios on the slimtune line."""
+    head = (f"{'workload':<14} {'library':<9} {'tok/s':>9} {'peak GiB':>9} {'model GiB':>9} {'MFU':>6} "
+            f"{'loss':>6} {'speedup':>8} {'mem x':>6}")
+    lines = [f"card: {report.card}  {report.versions}", head, "-" * len(head)]
+    for r in report.rows:
+        if r.status != "ok":
+            lines.append(f"{r.workload:<14} {r.library:<9} {r.status}")
+            continue
+        ratio = report.ratio(r.workload) if r.library == "slimtune" else None
+        tail = f" {ratio['speedup']:>7.2f}x {ratio['memory']:>5.2f}x" if ratio else ""
+        lines.append(f"{r.workload:<14} {r.library:<9} {r.tokens_per_s:>9.1f} {r.peak_gib:>9.2f} {r.model_gib:>9.2f} "
+                     f"{100 * r.mfu:>5.1f}% {r.loss:>6.3f}{tail}")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""One training workload timed for one library: build, wrap with LoRA, run warmup + measured steps.
+
+Both sides get the same random model (same seed), LoRA r=16 alpha=16 dropout 0 on all seven
+projections, gradient checkpointing (non-reentrant), torch AdamW(lr=1e-4) on the adapter weights and
+the same random token batch. slimtune computes its loss with the chunked LM-head cross-entropy
+(kernels/cross_entropy.py) from the last hidden state; the baseline calls model(input_ids, labels=...)
+as peft users do. peft's own prepare_model_for_kbit_training is not called for the baseline: its fp32
+upcast of the norms, embeddings and head would only add memory (see quant/kbit.py, Note: no upcasting).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimtune.bench.models import PRESETS, PROJECTIONS, bnb_quantizer, build_llama, slimtune_quantizer
+
+__all__ = ["Workload", "Measurement", "measure"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A benchmark case: model shape preset, 4-bit or not, batch size."""
+
+    name: str
+    preset: str
+    quantized: bool
+    batch: int
+
+
+@dataclass
+class Measurement:
+    """One row of the table. tokens_per_s counts batch * seq_len tokens per optimizer step."""
+
+    workload: str
+    library: str
+    status: str = "ok"  # "ok", "OOM", or "skipped: <why>"
+    tokens_per_s: float = 0.0
+    step_s: float = 0.0
+    peak_gib: float = 0.0  # torch.cuda.max_memory_allocated over the steps (weights included)
+    model_gib: float = 0.0  # memory allocated by the model alone, right after it is built
+    mfu: float = 0.0
+    loss: float = 0.0  # loss of the first step (ln(vocab) ~ 11.76 at random init)
+    steps: int = 0
+
+
+def _memory(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _wrap_slimtune(model: nn.Module) -> nn.Module:
+    from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+
+
+def _wrap_peft(model: nn.Module, quantized: bool) -> nn.Module:
+    import peft
+
+    model.is_loaded_in_4bit = quantized  # what transformers sets; peft dispatches bnb layers on it
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
+                                                      target_modules=list(PROJECTIONS)))
+
+
+def _slimtune_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    from slimtune.kernels import chunked_linear_cross_entropy
+
+    base = model.get_base_model()
+    hidden = base.model(input_ids=ids).last_hidden_state  # (B, T, C)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
+    total, count = chunked_linear_cross_entropy(h, base.lm_head.weight, ids[:, 1:].reshape(-1))
+    return total / count
+
+
+def _peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def measure(work: Workload, library: str, device: torch.device, dtype: torch.dtype, seq_len: int,
+            warmup: int, steps: int, max_step_seconds: float = 60.0, seed: int = 0) -> Measurement:
+    """Build, train and time one (workload, library) pair; frees everything before returning."""
+    row = Measurement(work.name, library)
+    try:
+        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed)
+    except torch.OutOfMemoryError:
+        row.status = "OOM"
+    gc.collect()
+    from slimtune.kernels.dispatch import release_buffers
+
+    release_buffers()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.dtype, seq_len: int,
+           warmup: int, steps: int, max_step_seconds: float, seed: int) -> None:
+    base_mem = _memory(device)
+    quantizer = None
+    if work.quantized:
+        quantizer = slimtune_quantizer if library_is_slimtune(row) else bnb_quantizer
+    model = build_llama(work.preset, device, dtype, quantizer, seed=seed, max_positions=max(seq_len, 64))
+    row.model_gib = (_memory(device) - base_mem) / 2**30
+    model = _wrap_slimtune(model) if library_is_slimtune(row) else _wrap_peft(model, work.quantized)
+    model.train()
+    loss_fn = _slimtune_loss if library_is_slimtune(row) else _peft_loss
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, seq_len), generator=gen).to(device)
+
+    def step() -> torch.Tensor:
+        loss = loss_fn(model, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    row.loss = float(step())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        step()
+    n = max(1, min(steps, int(max_step_seconds // max(first, 1e-3)))) if first > 1 else steps
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    _sync(device)
+    row.step_s = (time.perf_counter() - t0) / n
+    row.steps = n
+    row.tokens_per_s = work.batch * seq_len / row.step_s
+    row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def library_is_slimtune(row: Measurement) -> bool:
+    return row.library == "slimtune"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -10,6 +10,15 @@ by writing `model.state_dict()` to model.safetensors, and reloads it with `load_
 Trainer checkpoints hold the adapter only (not a multi-GB copy of the frozen base) and resume works,
 PeftModel.state_dict() returns the active adapter in PEFT's key format and load_state_dict() accepts
 it. The full model's tensors stay reachable through `model.get_base_model().state_dict()`.
+One exception: a *trainable* prompt-learning adapter's file holds only its encoder's output
+(`prompt_embeddings`), not the encoder (P-tuning's MLP, prefix tuning's projection), so for exact resume
+state_dict() holds the encoder's own tensors under `prompt_encoder.<name>` keys instead.
+
+# Note: prompt-learning adapters
+Prompt tuning, prefix tuning and P-tuning put nothing inside the base model: each adapter is an encoder in
+`self.prompt_encoder[name]` (peft's attribute name) and the method's `PromptHooks` (see registry.py) apply
+its output in forward and generate. Layer methods and prompt methods are not mixed in one PeftModel (as in
+peft); several adapters of prompt methods are.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from torch import nn
 from slimtune import adapter_io
 from slimtune.adapter_layer import AdapterLayer, ModulesToSave
 from slimtune.config import PeftConfig, TaskType
-from slimtune.registry import MethodSpec, get_method
+from slimtune.registry import MethodSpec, PromptHooks, get_method
 from slimtune.targeting import find_targets
 
 CLASSIFIER_NAMES = ("classifier", "score")
@@ -71,6 +80,8 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter = adapter_name
         self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.prompt_encoder = nn.ModuleDict()  # see Note: prompt-learning adapters
+        self._prompt_disabled = False
         self.add_adapter(adapter_name, peft_config)
         checkpointing = getattr(model, "is_activation_checkpointing", None)
         if checkpointing is None:  # transformers < 5.2 names it is_gradient_checkpointing
@@ -90,6 +101,9 @@ class PeftModel(nn.Module):
                      labels=labels, position_ids=position_ids, token_type_ids=token_type_ids,
                      decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask)
         kwargs.update({k: v for k, v in named.items() if v is not None})
+        if (hooks := self._prompt_hooks()) is not None:
+            config = self.peft_config[self.active_adapter]
+            return hooks.forward(self.get_base_model(), self._prompt(), config, kwargs)
         outputs = self.get_base_model()(**kwargs)
         extra = self._spec(self.active_adapter).extra_loss
         if extra is not None and self.training and getattr(outputs, "loss", None) is not None:
@@ -107,7 +121,21 @@ class PeftModel(nn.Module):
                 hook(self.get_base_model(), config, name, global_step)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.get_base_model().generate(*args, **kwargs)
+        if (hooks := self._prompt_hooks()) is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        if args:  # generate(input_ids, ...) as transformers allows
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("generate takes input_ids as its only positional argument")
+            kwargs["input_ids"] = args[0]
+        return hooks.generate(self.get_base_model(), self._prompt(), self.peft_config[self.active_adapter], kwargs)
+
+    def _prompt_hooks(self) -> PromptHooks | None:
+        """The active adapter's prompt hooks, unless it is a layer method or disable_adapter() is on."""
+        return None if self._prompt_disabled else self._spec(self.active_adapter).prompt
+
+    def _prompt(self) -> torch.Tensor:
+        """The active prompt adapter's encoder output, (rows, dim)."""
+        return self.prompt_encoder[self.active_adapter]()
 
     def get_base_model(self) -> nn.Module:
         """The wrapped transformers model (with adapter layers inside)."""
@@ -137,13 +165,22 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; adapters: {sorted(self.peft_config)}")
         model = self.get_base_model()
+        spec = get_method(peft_config.peft_type)
+        if self.peft_config and (spec.prompt is None) != (self._spec(self.active_adapter).prompt is None):
+            raise ValueError(
+                f"cannot add a {peft_config.peft_type.value} adapter next to "
+                f"{self.peft_config[self.active_adapter].peft_type.value}: prompt-learning and layer methods do not "
+                "mix in one model (as in peft)")
         config = dataclasses.replace(peft_config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if config.task_type == TaskType.SEQ_CLS and hasattr(config, "modules_to_save"):
             present = [n for n in CLASSIFIER_NAMES if any(k.split(".")[-1] == n for k, _ in model.named_modules())]
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(present)) or None
-        get_method(config.peft_type).inject(model, config, adapter_name, self._autocast_adapter_dtype)
+        spec.inject(model, config, adapter_name, self._autocast_adapter_dtype)
+        if spec.prompt is not None:
+            device = next(model.parameters()).device
+            self.prompt_encoder[adapter_name] = spec.prompt.build_encoder(model, config).to(device)
         self._add_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
         self.peft_config[adapter_name] = config
         self.set_adapter(self.active_adapter)  # the new adapter stays inactive and frozen
@@ -172,6 +209,8 @@ class PeftModel(nn.Module):
             param.requires_grad_(False)
         for layer in self._layers():
             layer.set_active([adapter_name], trainable)
+        for name, encoder in self.prompt_encoder.items():
+            encoder.requires_grad_(trainable and name == adapter_name)
         extra = self._spec(adapter_name).extra_trainable
         if trainable and extra is not None:
             for _, param in extra(self.get_base_model(), config):
@@ -188,6 +227,8 @@ class PeftModel(nn.Module):
                     layer.delete(adapter_name)
                 else:
                     del layer.modules_to_save[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
         if adapter_name == self.active_adapter:
             self.set_adapter(next(iter(self.peft_config)))
@@ -198,15 +239,26 @@ class PeftModel(nn.Module):
         layers = list(self._layers())
         for layer in layers:
             layer.disabled = True
+        self._prompt_disabled = True
         try:
             yield
         finally:
+            self._prompt_disabled = False
             for layer in layers:
                 layer.disabled = False
 
     # ---- merging --------------------------------------------------------------------------------
+    def _refuse_prompt_merge(self, names: list[str]) -> None:
+        prompt = [n for n in names if n in self.prompt_encoder]
+        if prompt:
+            raise ValueError(
+                f"adapter {prompt[0]!r} is {self.peft_config[prompt[0]].peft_type.value}, a prompt-learning method: it "
+                "adds virtual tokens and changes no weight, so there is nothing to merge; keep the PeftModel for "
+                "inference, or use unload() to get the base model back")
+
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
         names = adapter_names or [self.active_adapter]
+        self._refuse_prompt_merge(names)
         for layer in self._layers():
             if isinstance(layer, AdapterLayer):
                 layer.merge(names)
@@ -222,6 +274,7 @@ class PeftModel(nn.Module):
 
         A 4-bit base is dequantized and merged in its compute dtype (never re-quantized).
         """
+        self._refuse_prompt_merge(adapter_names or [self.active_adapter])
         if adapter_names:
             for layer in self._layers():
                 layer.set_active(adapter_names, trainable=False)
@@ -271,7 +324,25 @@ class PeftModel(nn.Module):
         full = nn.Module.state_dict(self, keep_vars=True)
         extras = self._extra_keys(name)
         mapping = adapter_io.adapter_keys(full, name, extras)
-        return {file_key: full[key] for file_key, key in mapping.items()}
+        out = {file_key: full[key] for file_key, key in mapping.items()}
+        if name in self.prompt_encoder:
+            # peft's prompt-learning models hold the transformers model directly, without a tuner level: their
+            # modules_to_save keys read `base_model.classifier...`, not `base_model.model.classifier...`
+            out = {"base_model." + k.removeprefix(_PREFIX): v for k, v in out.items()}
+            # a frozen StoredPrompt returns its own Parameter: loading copies into it
+            prompt = self.prompt_encoder[name]()  # with autograd on, as peft: LSTM kernels differ under no_grad
+            out["prompt_embeddings"] = prompt if isinstance(prompt, nn.Parameter) else prompt.detach()
+        return out
+
+    def _checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What state_dict() holds (see Note: state_dict() is the adapter)."""
+        name = self.active_adapter
+        out = self.adapter_state_dict(name)
+        if name in self.prompt_encoder and not self.peft_config[name].inference_mode:
+            del out["prompt_embeddings"]
+            encoder = self.prompt_encoder[name].state_dict(keep_vars=True)
+            out.update({f"prompt_encoder.{name}.{key}": value for key, value in encoder.items()})
+        return out
 
     def _extra_keys(self, name: str) -> list[str]:
         extra = self._spec(name).extra_trainable
@@ -302,6 +373,7 @@ class PeftModel(nn.Module):
         """Wrap `model` and load the adapter saved at `model_id` (a folder or a hub name)."""
         directory = adapter_io.resolve_adapter_dir(model_id, subfolder, revision)
         config = config or PeftConfig.from_pretrained(directory)
+        _refuse_trainable_prompt(config, is_trainable)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         peft_model._load_weights(directory, adapter_name)
@@ -311,17 +383,18 @@ class PeftModel(nn.Module):
                      subfolder: str | None = None, revision: str | None = None, **kwargs: Any) -> None:
         """Add the adapter saved at `model_id` under `adapter_name` (inactive until set_adapter)."""
         directory = adapter_io.resolve_adapter_dir(model_id, subfolder, revision)
-        config = dataclasses.replace(PeftConfig.from_pretrained(directory), inference_mode=not is_trainable)
+        config = PeftConfig.from_pretrained(directory)
+        _refuse_trainable_prompt(config, is_trainable)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, config)
         self._load_weights(directory, adapter_name)
 
     def _load_weights(self, directory: Path, adapter_name: str) -> None:
         file_sd = adapter_io.read_weights(directory)
-        self._assign(file_sd, adapter_name, source=str(directory / adapter_io.WEIGHTS_NAME))
+        self._assign(file_sd, self.adapter_state_dict(adapter_name), source=str(directory / adapter_io.WEIGHTS_NAME))
 
     @torch.no_grad()
-    def _assign(self, file_sd: dict[str, torch.Tensor], adapter_name: str, source: str) -> None:
-        expected = self.adapter_state_dict(adapter_name)
+    def _assign(self, file_sd: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: str) -> None:
         adapter_io.check_and_match(file_sd, expected, source)
         for key, tensor in file_sd.items():
             if key in expected:
@@ -331,13 +404,21 @@ class PeftModel(nn.Module):
     def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, Any]:
         out = destination if destination is not None else {}
-        for key, tensor in self.adapter_state_dict().items():
+        for key, tensor in self._checkpoint_state().items():
             out[prefix + key] = tensor if keep_vars else tensor.detach()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        self._assign(dict(state_dict), self.active_adapter, source="state_dict")
+        self._assign(dict(state_dict), self._checkpoint_state(), source="state_dict")
         return nn.modules.module._IncompatibleKeys([], [])
+
+
+def _refuse_trainable_prompt(config: PeftConfig, is_trainable: bool) -> None:
+    """A saved prompt adapter is its encoder's output only (see methods/prompt_learning/stored.py), as in peft."""
+    if is_trainable and get_method(config.peft_type).prompt is not None:
+        raise ValueError(
+            f"cannot load a {config.peft_type.value} adapter with is_trainable=True: the file holds the prompt "
+            "(its encoder's output), not the encoder; load it with is_trainable=False, or train a new adapter")
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",

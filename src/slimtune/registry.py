@@ -1,7 +1,9 @@
 """Method name -> (config class, injector). Adding a method adds a folder and one line here.
 
 A method module exposes `METHOD: MethodSpec`. Layer methods (LoRA, IA3, AdaLoRA) replace target modules
-with wrappers that satisfy `AdapterLayer`; the rest of slimtune only talks to that protocol.
+with wrappers that satisfy `AdapterLayer`; the rest of slimtune only talks to that protocol. Prompt-learning
+methods (prompt tuning, prefix tuning, P-tuning) leave the base model alone and give `PromptHooks`: a
+trainable encoder that PeftModel holds, and the forward/generate that feed its output to the model.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from slimtune.config import PeftType
 
@@ -30,6 +32,19 @@ _METHOD_MODULES: dict[PeftType, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptHooks:
+    """How a prompt-learning method reaches the model. `prompt` below is the encoder's output, (rows, dim)."""
+
+    build_encoder: Callable[[nn.Module, PeftConfig], nn.Module]
+    """build_encoder(base_model, config): the module whose forward() (no arguments) returns the prompt; for an
+    inference-mode config, a frozen table of exactly the saved `prompt_embeddings` (peft's file format)."""
+    forward: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
+    """forward(base_model, prompt, config, inputs): the base model's outputs with the prompt applied."""
+    generate: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
+    """generate(base_model, prompt, config, generate_kwargs): base_model.generate's result with the prompt."""
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """How one adapter method plugs in."""
 
@@ -44,6 +59,8 @@ class MethodSpec:
     """on_step(model, config, adapter_name, global_step): called after each optimizer step (AdaLoRA's allocator)."""
     extra_loss: Callable[[nn.Module, PeftConfig, str], torch.Tensor] | None = None
     """A regularization term added to the model's loss in training (AdaLoRA's orthogonality penalty)."""
+    prompt: PromptHooks | None = None
+    """Set by prompt-learning methods (their `inject` only fills config fields from the model)."""
 
 
 def get_method(peft_type: PeftType) -> MethodSpec:

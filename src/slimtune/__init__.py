@@ -8,6 +8,9 @@ from slimtune.config import PeftConfig, PeftType, TaskType
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.lora.config import LoraConfig
+from slimtune.methods.p_tuning.config import PromptEncoderConfig
+from slimtune.methods.prefix_tuning.config import PrefixTuningConfig
+from slimtune.methods.prompt_tuning.config import PromptTuningConfig, PromptTuningInit
 from slimtune.models import default_model_path
 from slimtune.peft_model import PeftModel, get_peft_model
 from slimtune.quant import (
@@ -27,6 +30,10 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PrefixTuningConfig",
+    "PromptEncoderConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "TaskType",
     "default_model_path",
     "dequantize_4bit",

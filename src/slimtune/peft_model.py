@@ -105,11 +105,18 @@ class PeftModel(nn.Module):
             config = self.peft_config[self.active_adapter]
             return hooks.forward(self.get_base_model(), self._prompt(), config, kwargs)
         outputs = self.get_base_model()(**kwargs)
-        extra = self._spec(self.active_adapter).extra_loss
-        if extra is not None and self.training and getattr(outputs, "loss", None) is not None:
-            outputs.loss = outputs.loss + extra(self.get_base_model(), self.peft_config[self.active_adapter],
-                                                self.active_adapter)
+        extra = self.regularization_loss()
+        if extra is not None and getattr(outputs, "loss", None) is not None:
+            outputs.loss = outputs.loss + extra
         return outputs
+
+    def regularization_loss(self) -> torch.Tensor | None:
+        """The active method's training-time penalty (AdaLoRA's orthogonality term), or None.
+        forward() adds it to `outputs.loss`; a loop that computes its own loss adds it itself."""
+        extra = self._spec(self.active_adapter).extra_loss
+        if extra is None or not self.training:
+            return None
+        return extra(self.get_base_model(), self.peft_config[self.active_adapter], self.active_adapter)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Per-step bookkeeping of methods that need it (AdaLoRA's rank allocation); a no-op otherwise.

@@ -243,3 +243,14 @@ def test_progress_bar_shows_loss_lr_speed_memory() -> None:
         bar.update(4, {"loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1234.5, "memory_gb": 0.5})
     text = out.getvalue()
     assert "4/10" in text and "loss 1.2346  lr 2.00e-04  1,234 tok/s  mem 0.50 GiB" in text and "ETA" in text
+
+
+def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:
+    first = make_trainer(tmp_path, random_rows(8), max_steps=3)
+    first.fit()
+    again = make_trainer(tmp_path, random_rows(8), max_steps=3)
+    state = again.fit(resume=True)
+    assert state.step == 3
+    expected, got = adapter_tensors(first), adapter_tensors(again)
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
+    assert len(losses(tmp_path)) == 3

@@ -93,9 +93,7 @@ class Trainer:
                     bar.advance_to(self.state.step)
                     if self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
                         self.record(self.evaluate(), log, bar)
-                    if self.state.stop_reason or self.state.step >= self.total_steps:
-                        break
-                    if self.state.step % self.cfg.save_every == 0:
+                    if self.state.step % self.cfg.save_every == 0 and not self.finished():
                         self.save()
                 if self.eval_rows and self.state.last("eval_step") != self.state.step:
                     self.record(self.evaluate(), log, bar)
@@ -104,12 +102,17 @@ class Trainer:
             log.close()
         return self.state
 
+    def finished(self) -> bool:
+        return self.state.step >= self.total_steps or self.state.stop_reason is not None
+
     def groups(self) -> Iterator[list[Batch]]:
-        """Accumulation groups of collated micro-batches, from the current data position onwards."""
+        """Accumulation groups of collated micro-batches, from the data position on, until finished()."""
         s, cfg = self.state, self.cfg
         while True:
             batches = self.plan.epoch(s.epoch)
             while s.batch_in_epoch < len(batches):
+                if self.finished():
+                    return
                 chunk = batches[s.batch_in_epoch : s.batch_in_epoch + cfg.grad_accum]
                 yield [self.collate([self.train_rows[i] for i in idx]) for idx in chunk]
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# GPU check in one go (fits ~8 minutes on an H200): kernel parity tests on CUDA, kernel timings vs
+# GPU check in one go (~6-8 minutes on an H200): kernel parity tests on CUDA, kernel timings vs
 # bitsandbytes and bf16, then the training benchmark vs peft / peft+bitsandbytes; short tables last.
 #   bash benchmarks/gpu_check.sh            # full: six reference workloads
-#   bash benchmarks/gpu_check.sh quick      # tests + kernel sweep + two small training rows
-# Logs and JSON go to $OUT (default /tmp/gpu_check). Needs bitsandbytes for the baselines (the device
-# machine gets it from the wheel in .whl, see docs/benchmarks.md).
+#   bash benchmarks/gpu_check.sh sweep      # full, plus a sweep of the decode-matmul tile configs
+#   bash benchmarks/gpu_check.sh quick      # tests + kernels + two small training rows
+# Logs and JSON go to $OUT (default /tmp/gpu_check). The baselines need peft and bitsandbytes (the
+# device machine gets bitsandbytes from the wheel in .whl, see docs/benchmarks.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-full}
@@ -14,22 +15,24 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH=${PYTHONPATH:-}:$PWD/src
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia_smi.csv"
 start=$(date +%s)
+stamp() { echo "[gpu_check] $1 done at +$(( $(date +%s) - start ))s"; }
 
 python3 -m pytest -q -p no:cacheprovider tests/kernels --deselect tests/kernels/test_bench_smoke.py \
-  2>&1 | tee "$OUT/gpu_tests.log" | tail -3
-echo "[gpu_check] tests done at +$(( $(date +%s) - start ))s"
+  > "$OUT/gpu_tests.log" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.log" | tail -12
+stamp tests
+
+SWEEP=""; [ "$MODE" = sweep ] && SWEEP=--sweep
+python3 benchmarks/kernel_bench.py $SWEEP --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+stamp kernels
 
 if [ "$MODE" = quick ]; then
-  python3 benchmarks/kernel_bench.py --sweep --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-  echo "[gpu_check] kernels done at +$(( $(date +%s) - start ))s"
   python3 benchmarks/train_bench.py --workloads 1b-lora-b4 8b-qlora-b1 --warmup 1 --steps 2 \
     --json "$OUT/train.json" > "$OUT/train.log" 2>&1
 else
-  python3 benchmarks/kernel_bench.py --json "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
-  echo "[gpu_check] kernels done at +$(( $(date +%s) - start ))s"
-  python3 benchmarks/train_bench.py --warmup 2 --steps 3 --max-step-seconds 25 \
+  python3 benchmarks/train_bench.py --warmup 2 --steps 3 --max-step-seconds 20 \
     --json "$OUT/train.json" > "$OUT/train.log" 2>&1
 fi
-echo "[gpu_check] training done at +$(( $(date +%s) - start ))s"
-grep -v "^\[sweep\]" "$OUT/kernels.log" | grep -v "^gemv-sweep" | tail -40
+stamp training
+grep -v -E "^\[sweep\]|^gemv-sweep" "$OUT/kernels.log" | tail -45
 grep -v "^\[bench\]" "$OUT/train.log" | tail -25

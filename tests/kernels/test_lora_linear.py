@@ -73,7 +73,8 @@ def test_frozen_weight_required():
         lora_linear(torch.randn(2, 4), nn.Parameter(torch.randn(3, 4)), torch.randn(1, 4), torch.randn(3, 1), 1.0)
 
 
-def _tiny_llama(four_bit: bool, dropout: float = 0.0, dora: bool = False) -> nn.Module:
+def _tiny_llama(four_bit: bool, dropout: float = 0.0, dora: bool = False,
+                compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
@@ -84,7 +85,7 @@ def _tiny_llama(four_bit: bool, dropout: float = 0.0, dora: bool = False) -> nn.
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear) and name != "lm_head":
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module))
+                setattr(model.get_submodule(parent), child, Linear4bit.from_linear(module, compute_dtype=compute_dtype))
     model.requires_grad_(False)
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=dora, init_lora_weights="gaussian",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -154,10 +155,13 @@ def test_auto_mode_is_off_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("four_bit", [False, True])
 def test_gpu_fast_path_matches_plain_path_bf16(four_bit):
-    model = _tiny_llama(four_bit).to("cuda", torch.bfloat16)
+    model = _tiny_llama(four_bit, compute_dtype=torch.bfloat16).to("cuda", torch.bfloat16)
     for layer in model.modules():  # adapters in fp32, as get_peft_model makes them on a bf16 model
         if isinstance(layer, LoraLayer):
             layer.adapters.float()
+    set_fast_path("auto")
+    first = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    assert first._fused_ok(torch.randn(1, 64, dtype=torch.bfloat16, device="cuda"))
     ids = torch.randint(0, 96, (2, 33), generator=torch.Generator().manual_seed(0)).cuda()
     set_fast_path("off")
     loss_plain, grads_plain = _loss_and_grads(model, ids)

@@ -95,7 +95,7 @@ def gemv_rows(shapes=GEMV_SHAPES, ms=(1, 4, 16), sweep: bool = False) -> list[Ke
             w_bytes = packed.numel() + state.absmax.numel()
             us = _time(lambda x=x, p=packed, s=state: matmul_4bit_triton(x, p, s))
             rows.append(KernelRow("gemv", label, "slimtune", us, w_bytes / us / 1e6))
-            if sweep and m in (1, 16):
+            if sweep and m in (1, 16) and k == 4096:
                 rows += _sweep(x, packed, state, label, w_bytes)
             if bnb is not None:
                 us = _time(lambda x=x, q=q, st=st, b=bnb: b.matmul_4bit(x, q.t(), quant_state=st))

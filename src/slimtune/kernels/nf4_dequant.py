@@ -6,7 +6,8 @@ Reference: `slimtune.quant.nf4.dequantize_4bit` (plain torch), re-exported here 
 Layout (see quant/nf4.py): byte i of `packed` holds values 2i (high nibble) and 2i+1 (low nibble);
 value j belongs to absmax block j // blocksize. A program handles NB absmax blocks: it loads a
 (NB, blocksize / 2) tile of bytes, the NB absmax scales once, looks both nibbles up in the 16-entry
-codebook and writes the interleaved (NB, blocksize) tile, contiguous, in the output dtype.
+codebook and writes both values of a byte as one 32-bit (64-bit for fp32) word, see Note: one word
+per byte.
 
 # Note: bit equality with bitsandbytes
 The output is code[nibble] * absmax rounded once to the output dtype, and a double-quantized absmax
@@ -29,6 +30,13 @@ __all__ = ["dequantize_4bit_triton", "dequantize_4bit_reference", "absmax_args"]
 
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BYTES_PER_PROGRAM = 4096  # 8192 outputs: 16 KB of bf16 written per program
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _with_numel(state: QuantState, n: int) -> QuantState:
+    """The same state for a flat tensor of n values (the packed bytes already hold the pad nibble)."""
+    return QuantState(state.absmax, torch.Size([n]), state.dtype, state.blocksize, state.quant_type,
+                      state.code, state.state2)
 
 
 @triton.jit
@@ -38,27 +46,34 @@ def load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, mask, NES
     if NESTED:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(absmax2_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        return tl.load(code2_ptr + q) * scale + tl.load(offset_ptr)
-    return tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        absmax = tl.load(code2_ptr + q) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0).to(tl.float32)
+    return absmax
 
 
 @triton.jit
 def _dequant_kernel(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, out_ptr,
-                    n_out, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr,
-                    NESTED_BLOCKSIZE: tl.constexpr):
+                    n_bytes, BLOCKSIZE: tl.constexpr, NB: tl.constexpr, NESTED: tl.constexpr,
+                    NESTED_BLOCKSIZE: tl.constexpr, OUT_DTYPE: tl.constexpr, WORD: tl.constexpr):
+    """out_ptr is the output viewed as WORD-sized integers, one word = the two values of one byte."""
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # (NB,) absmax blocks
-    n_bytes = (n_out + 1) // 2
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (NB, HALF)
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < n_bytes, other=0)
+    mask = byte_idx < n_bytes
+    byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0)
     absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block,
-                         block * BLOCKSIZE < n_out, NESTED, NESTED_BLOCKSIZE)  # (NB,) fp32
-    hi = tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax[:, None]
-    lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax[:, None]
-    values = tl.join(hi, lo).reshape(NB, BLOCKSIZE)  # value 2i from the high nibble, 2i+1 from the low
-    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
-             mask=out_idx < n_out)
+                         block * HALF < n_bytes, NESTED, NESTED_BLOCKSIZE)[:, None]  # (NB, 1) fp32
+    hi = (tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax).to(OUT_DTYPE)  # value 2i
+    lo = (tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax).to(OUT_DTYPE)  # value 2i + 1
+    # Note: one word per byte. Value 2i sits at the lower address, i.e. the low half of a
+    # little-endian word; writing whole words keeps each thread's stores contiguous (16-byte vectors).
+    if WORD == 32:
+        word = hi.to(tl.uint16, bitcast=True).to(tl.uint32) | (lo.to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+        tl.store(out_ptr + byte_idx, word.to(tl.int32, bitcast=True), mask=mask)
+    else:
+        word = hi.to(tl.uint32, bitcast=True).to(tl.uint64) | (lo.to(tl.uint32, bitcast=True).to(tl.uint64) << 32)
+        tl.store(out_ptr + byte_idx, word.to(tl.int64, bitcast=True), mask=mask)
 
 
 def absmax_args(state: QuantState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,13 +108,20 @@ def dequantize_4bit_triton(packed: torch.Tensor, state: QuantState, out: torch.T
     elif out.numel() != n or not out.is_contiguous():
         raise ValueError(f"dequantize_4bit_triton: out must be contiguous with {n} elements, "
                          f"got shape {tuple(out.shape)}")
+    if n % 2:  # an odd tail has no full word: write n + 1 values to a temporary and copy n
+        tmp = torch.empty(n + 1, dtype=dtype, device=packed.device)
+        dequantize_4bit_triton(packed, _with_numel(state, n + 1), out=tmp)
+        out.view(-1).copy_(tmp[:n])
+        return out
     nb = max(1, _BYTES_PER_PROGRAM // (state.blocksize // 2))
     n_blocks = -(-n // state.blocksize)
     nested_bs = state.state2.blocksize if state.state2 is not None else 256
-    grid = (triton.cdiv(n_blocks, nb),)
-    _dequant_kernel[grid](
-        packed.reshape(-1).view(torch.uint8), *absmax_args(state), state.code.float(), out, n,
+    word = 32 if dtype != torch.float32 else 64
+    words = out.view(-1).view(torch.int32 if word == 32 else torch.int64)
+    _dequant_kernel[(triton.cdiv(n_blocks, nb),)](
+        packed.reshape(-1).view(torch.uint8), *absmax_args(state), state.code.float(), words, n // 2,
         BLOCKSIZE=state.blocksize, NB=nb, NESTED=state.state2 is not None, NESTED_BLOCKSIZE=nested_bs,
-        num_warps=8 if nb * state.blocksize >= 4096 else 4, enable_fp_fusion=False,
+        OUT_DTYPE=_TL_DTYPES[dtype], WORD=word, num_warps=8 if nb * state.blocksize >= 4096 else 4,
+        enable_fp_fusion=False,
     )
     return out

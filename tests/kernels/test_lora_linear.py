@@ -93,6 +93,7 @@ def _tiny_llama(four_bit: bool, dropout: float = 0.0, dora: bool = False,
     for layer in model.modules():  # B != 0 so the adapters matter
         if isinstance(layer, LoraLayer):
             nn.init.normal_(layer.adapters["default"].lora_B.weight, std=0.1)
+            layer.set_active(["default"], trainable=True)  # see bench/training.py: Python 3.12 Protocols
     return model
 
 

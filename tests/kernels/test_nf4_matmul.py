@@ -25,7 +25,7 @@ def test_matches_reference(m, n, k, double_quant, split_k, bias, kernel_device):
     packed, state = quantize_4bit(weight, "nf4", 64, double_quant)
     x = torch.randn(m, k, dtype=dtype, device=kernel_device)
     b = torch.randn(n, dtype=dtype, device=kernel_device) if bias else None
-    cfg = dict(BLOCK_N=16, BLOCK_K=256, SPLIT_K=split_k, num_warps=4, num_stages=1)
+    cfg = dict(BLOCK_N=16, SPLIT_K=split_k, num_warps=4, num_stages=1)
     out = matmul_4bit_triton(x, packed, state, b, config=cfg)
     ref = matmul_4bit_reference(x.double(), packed, state, None if b is None else b.double())
     assert out.shape == (m, n) and out.dtype == dtype

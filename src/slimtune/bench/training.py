@@ -54,9 +54,17 @@ def _memory(device: torch.device) -> int:
 
 def _wrap_slimtune(model: nn.Module) -> nn.Module:
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from slimtune.methods.lora.layer import LoraLayer
 
     prepare_model_for_kbit_training(model)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    # Python 3.12's isinstance() on runtime-checkable Protocols no longer sees nn.Module submodules
+    # (inspect.getattr_static), so PeftModel.set_adapter can miss the LoRA layers and leave the
+    # adapters frozen; activate them directly until that is fixed (reported with issue #7).
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_active(["default"], trainable=True)
+    return model
 
 
 def _wrap_peft(model: nn.Module, quantized: bool) -> nn.Module:

@@ -5,14 +5,14 @@ Reference: `matmul_4bit_reference` (dequantize with quant/nf4.py, then F.linear)
 At decode time x has 1-16 rows and the cost of a linear layer is streaming its weight: 0.53 byte per
 weight in 4 bits (+ double-quantized scales) against 2 in bf16. Dequantizing first writes and
 re-reads a full bf16 copy (2.5 + 2 bytes per weight), so the kernel never materializes W: each
-program owns BLOCK_N output features, walks K in BLOCK_K steps, unpacks a (BLOCK_N, BLOCK_K) tile in
-registers (codebook lookup times the absmax of each of its BLOCK_K / blocksize blocks) and feeds it
-to tl.dot with the (16, BLOCK_K) input tile. With SPLIT_K > 1 the K range is shared by SPLIT_K
+program owns BLOCK_N output features, walks K one absmax block (blocksize weights) at a time, unpacks
+the (BLOCK_N, blocksize / 2) bytes in registers (codebook lookup times the rows' absmax) and feeds
+them to tl.dot with the even and odd columns of the 16-row input tile (Note: even and odd columns). With SPLIT_K > 1 the K range is shared by SPLIT_K
 programs that add fp32 partial sums atomically (more programs for narrow outputs; order of the
 additions varies, so results vary in the last bits).
 
-Needs K % blocksize == 0 and BLOCK_K % blocksize == 0 (every Llama/Qwen/Mistral shape with
-blocksize 64); `supports` says when, and callers fall back to dequantize + matmul otherwise.
+Needs K % blocksize == 0 (every Llama/Qwen/Mistral shape with blocksize 64); `supports` says when,
+and callers fall back to dequantize + matmul otherwise.
 """
 
 from __future__ import annotations
@@ -35,30 +35,32 @@ MAX_ROWS = 16
 def _matmul4_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, bias_ptr,
                     out_ptr, M, N, K, stride_xm, stride_om,
                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    NBLK: tl.constexpr = BLOCK_K // BLOCKSIZE  # absmax blocks per row of a tile
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    HB: tl.constexpr = BLOCKSIZE // 2  # bytes of one absmax block
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output features = rows of W
     rm = tl.arange(0, BLOCK_M)
     n_mask = rn < N
     rn64 = rn.to(tl.int64)
+    j = tl.arange(0, HB)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        rkb = k0 // 2 + tl.arange(0, HALF_K)  # byte column within a row of W
-        byte = tl.load(packed_ptr + rn64[:, None] * (K // 2) + rkb[None, :], mask=n_mask[:, None], other=0)
-        blk = (rn64[:, None] * K + k0) // BLOCKSIZE + tl.arange(0, NBLK)[None, :]  # (BN, NBLK)
-        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, blk, n_mask[:, None],
-                             NESTED, NESTED_BLOCKSIZE)
-        hi = tl.load(code_ptr + (byte >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (byte & 0xF).to(tl.int32))
-        w = tl.join(hi, lo).reshape(BLOCK_N, NBLK, BLOCKSIZE) * absmax[:, :, None]
-        w = w.reshape(BLOCK_N, BLOCK_K).to(x_ptr.dtype.element_ty)  # (BN, BK), rounded like dequantize
-        rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
-        acc += tl.dot(x, tl.trans(w))  # (BM, BK) @ (BK, BN)
+    # Note: even and odd columns. A byte holds weights k and k + 1 of a row; instead of interleaving
+    # the two nibbles into one (BN, BLOCKSIZE) tile (a register shuffle through shared memory), the
+    # high nibbles multiply the even columns of x and the low nibbles the odd ones: two dots.
+    # One step covers one absmax block of every row, so its scale is a (BN,) vector.
+    for k0 in range(pid_k * BLOCKSIZE, K, BLOCKSIZE * SPLIT_K):
+        byte = tl.load(packed_ptr + rn64[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=n_mask[:, None],
+                       other=0)  # (BN, HB)
+        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rn64 * K + k0) // BLOCKSIZE, n_mask,
+                             NESTED, NESTED_BLOCKSIZE)[:, None]  # (BN, 1)
+        w_even = (tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax).to(x_ptr.dtype.element_ty)
+        w_odd = (tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax).to(x_ptr.dtype.element_ty)
+        x_idx = rm[:, None] * stride_xm + (k0 + 2 * j)[None, :]  # (BM, HB)
+        x_even = tl.load(x_ptr + x_idx, mask=rm[:, None] < M, other=0.0)
+        x_odd = tl.load(x_ptr + x_idx + 1, mask=rm[:, None] < M, other=0.0)
+        acc = tl.dot(x_even, tl.trans(w_even), acc)  # (BM, HB) @ (HB, BN)
+        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
     out_idx = rm[:, None] * stride_om + rn[None, :]
     out_mask = (rm[:, None] < M) & n_mask[None, :]
     if SPLIT_K == 1:
@@ -73,16 +75,18 @@ def supports(x: torch.Tensor, state: QuantState) -> bool:
     """Whether the kernel handles this call: <= 16 rows, 2-D weight, K a multiple of the blocksize."""
     k = state.shape[-1]
     return (len(state.shape) == 2 and x.shape[-1] == k and x.numel() // max(k, 1) <= MAX_ROWS
-            and k % state.blocksize == 0 and state.blocksize <= 256 and x.dtype in (torch.bfloat16, torch.float16))
+            and k % state.blocksize == 0 and 32 <= state.blocksize <= 256
+            and x.dtype in (torch.bfloat16, torch.float16))
 
 
 def pick_config(m: int, n: int, k: int, blocksize: int) -> dict[str, int]:
-    """Tile sizes by output width; measured on an H200 (docs/benchmarks.md, gemv sweep)."""
-    block_k = max(256, blocksize)
-    block_n = 32 if n >= 8192 else 16
+    """Tile sizes: enough programs to fill 132 SMs several times over (split K for narrow outputs)."""
+    block_n = 32
     programs = -(-n // block_n)
-    split_k = 1 if programs >= 256 else 2
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=4, num_stages=3)
+    split_k = 1
+    while programs * split_k < 1024 and split_k < 8 and k // blocksize >= 8 * split_k:
+        split_k *= 2
+    return dict(BLOCK_N=block_n, SPLIT_K=split_k, num_warps=4, num_stages=3)
 
 
 def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
@@ -97,11 +101,6 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         x2 = x2.contiguous()
     m = x2.shape[0]
     cfg = dict(config or pick_config(m, n, k, state.blocksize))
-    while k % cfg["BLOCK_K"] and cfg["BLOCK_K"] > state.blocksize:  # tiles must not run past K
-        cfg["BLOCK_K"] //= 2
-    if cfg["BLOCK_K"] % state.blocksize or k % cfg["BLOCK_K"]:
-        raise ValueError(f"matmul_4bit_triton: BLOCK_K {cfg['BLOCK_K']} must be a multiple of blocksize "
-                         f"{state.blocksize} dividing K={k}")
     split_k = cfg["SPLIT_K"]
     out = (torch.empty if split_k == 1 else torch.zeros)(
         (m, n), dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)

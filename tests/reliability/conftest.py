@@ -1,0 +1,31 @@
+"""Fixtures of the reliability suite: one tiny model folder and rows per session; counters printed at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from reliability_tools import EXAMPLES_RUN, FAULT_STATS
+from tiny_run import build_llama, build_tokenizer, write_alpaca
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (hidden 32, 2 layers) + byte-level ChatML tokenizer."""
+    folder = tmp_path_factory.mktemp("rel-tiny-llama")
+    build_tokenizer(folder)
+    build_llama(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_alpaca(tmp_path_factory.mktemp("rel-rows") / "rows.jsonl", 12)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if EXAMPLES_RUN:
+        terminalreporter.write_line("fuzz examples per target: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(EXAMPLES_RUN.items())))
+    if FAULT_STATS:
+        terminalreporter.write_line("fault injection: " + ", ".join(f"{k}={v}" for k, v in FAULT_STATS.items()))

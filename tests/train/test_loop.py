@@ -12,7 +12,7 @@ from tiny_run import build_llama, pad_collate, random_rows
 
 from slimtune.train.checkpoint import latest_checkpoint, list_checkpoints
 from slimtune.train.config import TrainConfig
-from slimtune.train.loop import Trainer, TrainingDiverged, forward_loss
+from slimtune.train.loop import Trainer, TrainingDiverged, forward_loss, supports_logits_to_keep
 from slimtune.train.loss import loss_positions
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.optim import lr_factor
@@ -254,3 +254,25 @@ def test_resuming_a_finished_run_trains_no_more(tmp_path: Path) -> None:
     expected, got = adapter_tensors(first), adapter_tensors(again)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
     assert len(losses(tmp_path)) == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "peft"),
+    [("lora", {"r": 4, "target_modules": "all-linear", "init_lora_weights": False}),
+     ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+     ("adalora", {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0, "target_modules": "all-linear"}),
+     ("prompt_tuning", {"num_virtual_tokens": 3}),
+     ("p_tuning", {"num_virtual_tokens": 3, "encoder_hidden_size": 16}),
+     ("prefix_tuning", {"num_virtual_tokens": 3})],
+)
+def test_our_loss_equals_the_models_own_loss(method: str, peft: dict) -> None:
+    """Virtual tokens (prompt/p-tuning) shift the logits; our loss must still match the model's mean loss."""
+    seed_everything(0)
+    config = build_peft_config(method, peft, total_steps=10)
+    model = prepare_model(build_llama(None), method, config, gradient_checkpointing=False).eval()
+    batch = pad_collate(random_rows(3))
+    with torch.no_grad():
+        ours, n = forward_loss(model, batch, torch.device("cpu"), supports_logits_to_keep(model))
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=batch["labels"]).loss
+    torch.testing.assert_close(ours / n, theirs, atol=1e-5, rtol=1e-5)

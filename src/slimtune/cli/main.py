@@ -114,12 +114,17 @@ def demo(
 
 def _guarded(body: Callable[[], Any], interrupted: str = "interrupted") -> None:
     """Run a command body, turning user errors into one red line and an exit code."""
+    import torch
+
     from slimtune.train.loop import TrainingDiverged
 
     try:
         body()
     except TrainingDiverged as err:
         _fail(str(err), EXIT_DIVERGED, err)
+    except torch.OutOfMemoryError as err:
+        _fail("out of GPU memory: lower train.batch_size (raise train.grad_accum to keep the batch), set "
+              "train.gradient_checkpointing true, lower train.max_seq_len, or use method qlora", EXIT_DIVERGED, err)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         _fail(str(err), EXIT_USER_ERROR, err)
     except KeyboardInterrupt as err:

@@ -140,9 +140,16 @@ class Trainer:
         for batch in group:
             with self.autocast():
                 loss_sum, _ = forward_loss(self.model, batch, self.device, self.logits_to_keep)
-            self.ckpt.scaler.scale(loss_sum / n_loss_tokens).backward()
+                loss = loss_sum / n_loss_tokens + self.regularization() / len(group)  # penalty once per step
+            self.ckpt.scaler.scale(loss).backward()
             total += loss_sum.detach()
         return total.item(), n_loss_tokens
+
+    def regularization(self) -> torch.Tensor | float:
+        """The PEFT method's training penalty (AdaLoRA's orthogonality term), else 0."""
+        penalty = getattr(self.model, "regularization_loss", None)
+        value = penalty() if callable(penalty) else None
+        return 0.0 if value is None else value
 
     def optimizer_step(self) -> float:
         scaler, optimizer = self.ckpt.scaler, self.ckpt.optimizer

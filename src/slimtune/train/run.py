@@ -68,6 +68,10 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     total_steps = cfg.train.total_steps(plan.steps_per_epoch(cfg.train.grad_accum))
     model = build_model(cfg, device, len(tokenizer) if data.added_tokens else None, total_steps)
     describe_run(console, cfg, data.stats, model, device, total_steps)
+    if data.added_tokens and cfg.method != "full" and not cfg.peft.get("modules_to_save"):
+        console.print(f"[yellow]the template added tokens {data.added_tokens} to the tokenizer; their new "
+                      "embeddings stay untrained unless peft.modules_to_save includes the embedding and lm_head "
+                      "(e.g. [embed_tokens, lm_head]), or pick a template the tokenizer already knows[/yellow]")
     if resume:
         report_config_changes(out / "config.yaml", cfg, console)
     out.mkdir(parents=True, exist_ok=True)

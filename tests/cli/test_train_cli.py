@@ -151,3 +151,30 @@ def test_data_inspect(tmp_path: Path, tiny_model_dir: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "examples: train 8, eval 3" in result.output and "format alpaca" in result.output
     assert "What does" in result.output
+
+
+@pytest.mark.parametrize("attention", ["position_ids", "4d_mask"])
+def test_packed_rows_train_with_the_same_eval(tmp_path: Path, tiny_model_dir: Path, attention: str) -> None:
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    frozen = ["--no-progress", "--train.max_seq_len", "128", "--train.lr", "1e-12", "--train.max_steps", "1",
+              "--train.batch_size", "8", "--train.grad_accum", "1", "--peft.lora_dropout", "0"]
+    assert invoke("train", str(config), *frozen, "--output_dir", str(tmp_path / "plain")).exit_code == 0
+    result = invoke("train", str(config), *frozen, "--data.packing", "true", "--data.packed_attention", attention)
+    assert result.exit_code == 0, result.output
+    packed, plain = read_metrics(tmp_path / "run-lora"), read_metrics(tmp_path / "plain")
+    # one step over all 8 rows with lr ~0: packing (no cross-sample attention) changes nothing
+    assert packed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert packed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+
+
+def test_missing_tensorboard_and_matplotlib_only_print_a_notice(tmp_path: Path, tiny_model_dir: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    config = golden_config(tmp_path, tiny_model_dir, "lora")
+    result = invoke("train", str(config), "--no-progress", "--train.tensorboard", "true", "--train.max_steps", "1")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "tensorboard is not installed: skipping" in text and "matplotlib is not installed" in text
+    assert not (tmp_path / "run-lora" / "loss.png").exists()
+    assert len(read_metrics(tmp_path / "run-lora")["loss"]) == 1

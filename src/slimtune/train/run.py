@@ -60,18 +60,14 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    from slimtune.data import SFTCollator, build_datasets, save_tokenizer_for_run
+    from slimtune.data import SFTCollator, build_datasets
 
     tokenizer = load_tokenizer(cfg.model)
     data = build_datasets(cfg.data, tokenizer, cfg.train.max_seq_len, cfg.train.seed)
     plan = batch_plan(cfg, data.train)
     total_steps = cfg.train.total_steps(plan.steps_per_epoch(cfg.train.grad_accum))
     model = build_model(cfg, device, len(tokenizer) if data.added_tokens else None, total_steps)
-    describe_run(console, cfg, data.stats, model, device, total_steps)
-    if data.added_tokens and cfg.method != "full" and not cfg.peft.get("modules_to_save"):
-        console.print(f"[yellow]the template added tokens {data.added_tokens} to the tokenizer; their new "
-                      "embeddings stay untrained unless peft.modules_to_save includes the embedding and lm_head "
-                      "(e.g. [embed_tokens, lm_head]), or pick a template the tokenizer already knows[/yellow]")
+    describe_run(console, cfg, data, model, device, total_steps)
     if resume:
         report_config_changes(out / "config.yaml", cfg, console)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,14 +80,22 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
                       progress=progress, console=console)
     state = trainer.fit(resume=resume)
 
-    artifact = out / ("adapter" if is_peft else "model")
+    artifact = save_outputs(out / ("adapter" if is_peft else "model"), cfg, model, tokenizer, data, state, console)
+    return RunResult(out, artifact, state, model, tokenizer, data, collate)
+
+
+def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Any, state: TrainState,
+                 console: Console) -> Path:
+    """The final adapter (or model) with its tokenizer + generation config, the plot and the model card."""
+    from slimtune.data import save_tokenizer_for_run
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     save_atomically(artifact, lambda tmp: (model.save_pretrained(str(tmp)), save_tokenizer_for_run(
         tokenizer, data.template, tmp, generation_config=getattr(base, "generation_config", None))))
-    plot_metrics(state.history, out / PLOT_FILE, console)
-    write_model_card(out / "README.md", cfg, state, data.stats, artifact.name)
+    plot_metrics(state.history, artifact.parent / PLOT_FILE, console)
+    write_model_card(artifact.parent / "README.md", cfg, state, data.stats, artifact.name)
     console.print(f"[green]done:[/green] {state.step} steps; {artifact.name} saved to {artifact}")
-    return RunResult(out, artifact, state, model, tokenizer, data, collate)
+    return artifact
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -131,8 +135,9 @@ def batch_plan(cfg: RunConfig, rows: list[dict[str, list[int]]]) -> BatchPlan:
     return BatchPlan(len(rows), cfg.train.batch_size, cfg.train.seed, shuffle=cfg.data.shuffle, lengths=lengths)
 
 
-def describe_run(console: Console, cfg: RunConfig, stats: Any, model: nn.Module, device: torch.device,
+def describe_run(console: Console, cfg: RunConfig, data: Any, model: nn.Module, device: torch.device,
                  total_steps: int) -> None:
+    stats = data.stats
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     precision = resolve_precision(cfg.train.precision, device)
@@ -143,6 +148,10 @@ def describe_run(console: Console, cfg: RunConfig, stats: Any, model: nn.Module,
         f"template {stats.template}); {total_steps} steps of {cfg.train.batch_size} x {cfg.train.grad_accum} "
         f"on {device} in {precision}"
     )
+    if data.added_tokens and cfg.method != "full" and not cfg.peft.get("modules_to_save"):
+        console.print(f"[yellow]the template added tokens {data.added_tokens} to the tokenizer; their new "
+                      "embeddings stay untrained unless peft.modules_to_save includes the embedding and lm_head "
+                      "(e.g. [embed_tokens, lm_head]), or pick a template the tokenizer already knows[/yellow]")
 
 
 def report_config_changes(saved: Path, cfg: RunConfig, console: Console) -> None:

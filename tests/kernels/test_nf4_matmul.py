@@ -63,7 +63,7 @@ def test_gpu_linear4bit_routes_decode_and_training():
     layer = Linear4bit.from_linear(torch.nn.Linear(1024, 512, bias=True, dtype=torch.bfloat16, device="cuda"))
     x = torch.randn(3, 1024, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
-        fast = layer(x)  # fused GEMV
+        fast = layer(x)  # Triton dequantization + matmul
         set_fast_path("off")
         plain = layer(x)
         set_fast_path("auto")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
+from slimtune.kernels.dispatch import dequantize_to_buffer
 from slimtune.quant.state import QuantState
 
 __all__ = ["lora_linear", "lora_linear_reference", "base_matmul"]
@@ -34,12 +34,12 @@ def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.d
 
 def base_matmul(x2: torch.Tensor, weight: torch.Tensor, state: QuantState | None,
                 bias: torch.Tensor | None) -> torch.Tensor:
-    """x2 (N, in) -> x2 W^T + b (N, out), no autograd; decode-size 4-bit inputs take the Triton GEMV."""
-    if state is not None and use_triton(x2):
-        from slimtune.kernels.nf4_matmul import matmul_4bit_triton, supports
+    """x2 (N, in) -> x2 W^T + b (N, out), no autograd.
 
-        if supports(x2, state) and state.dtype in (x2.dtype, torch.float32):
-            return matmul_4bit_triton(x2, weight, state, bias)
+    4-bit weights are dequantized by Triton into the shared buffer, then cuBLAS multiplies. The fused
+    decode kernel (nf4_matmul.py) is not routed here: on the H200 it measured 15-20x slower than this
+    path (docs/benchmarks.md), so it stays opt-in until that is fixed.
+    """
     return F.linear(x2, _dense_weight(weight, state, x2.dtype), bias)
 
 

@@ -1,8 +1,7 @@
 """Linear4bit: a frozen nn.Linear whose weight is stored as packed 4-bit NF4/FP4 codes.
 
 Forward dequantizes the weight to the compute dtype (on CUDA: Triton, into a reused buffer, see
-kernels/dispatch.py; decode-size inference inputs use the fused 4-bit matmul) and runs a plain
-matmul; backward returns only the input gradient and dequantizes again instead of keeping the full-precision weight alive, so a
+kernels/dispatch.py) and runs a plain matmul; backward returns only the input gradient and dequantizes again instead of keeping the full-precision weight alive, so a
 layer costs ~0.5 byte per weight (+ scales) at rest and during backward. The weight is a frozen
 uint8 Parameter named `weight` and the module's state_dict is bitsandbytes' Linear4bit layout
 (`weight` + `weight.absmax`, `weight.quant_map`, ... see quant/state.py), so checkpoints are
@@ -126,7 +125,7 @@ class Linear4bit(nn.Module):
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if use_triton(x) and not (torch.is_grad_enabled() and x.requires_grad):
-            # Inference on CUDA: decode-size inputs take the fused dequantize-matmul (kernels/nf4_matmul.py).
+            # Inference on CUDA: Triton dequantization into the shared buffer, no autograd bookkeeping.
             from slimtune.kernels.lora_linear import base_matmul
 
             out = base_matmul(x.reshape(-1, self.in_features), self.weight, self.quant_state, bias)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from reliability_tools import EXAMPLES_RUN, FAULT_STATS
+from reliability_tools import EXAMPLES_RUN, FAULT_STATS, run_train, write_run_config
 from tiny_run import build_llama, build_tokenizer, write_alpaca
 
 
@@ -21,6 +21,17 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_alpaca(tmp_path_factory.mktemp("rel-rows") / "rows.jsonl", 12)
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_rows: Path) -> Path:
+    """The uninterrupted 64-step run every fault test compares with (all checkpoints kept: step-N of any
+    shorter run of the same config must equal its step-N)."""
+    root = tmp_path_factory.mktemp("baseline")
+    config = write_run_config(root, tiny_model_dir, tiny_rows, root / "run", keep_checkpoints=1000)
+    done = run_train(config)
+    assert done.returncode == 0, done.stderr
+    return root / "run"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

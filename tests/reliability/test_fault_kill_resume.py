@@ -23,7 +23,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 from reliability_tools import (
     FAULT_STATS,
     ForkedRun,
@@ -33,23 +32,12 @@ from reliability_tools import (
     check_checkpoint_loadable,
     checkpoint_dirs,
     losses,
-    run_train,
     write_run_config,
 )
 
 KILLS = 20
 KEEP = 2
 _TMP_STEP = re.compile(r"^\.tmp-step-(\d+)$")
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_rows: Path) -> Path:
-    """The uninterrupted run (every checkpoint kept, for the disk-full test's step-N comparisons)."""
-    root = tmp_path_factory.mktemp("baseline")
-    config = write_run_config(root, tiny_model_dir, tiny_rows, root / "run", keep_checkpoints=1000)
-    done = run_train(config)
-    assert done.returncode == 0, done.stderr
-    return root / "run"
 
 
 def newest_step(run_dir: Path) -> int:

@@ -135,3 +135,18 @@ def test_second_all_linear_adapter_wraps_only_base_layers(tmp_path):
     reloaded = slimtune.PeftModel.from_pretrained(LLAMA.model(), tmp_path)
     reloaded.load_adapter(tmp_path / "second", adapter_name="second")
     assert sorted(reloaded.peft_config) == ["default", "second"]
+
+
+def test_adapter_layers_are_recognised_without_protocol_isinstance():
+    """Python 3.12's runtime Protocol check reads attributes statically and misses nn.Module children;
+    recognition must not depend on it (else set_adapter leaves adapters frozen on 3.12)."""
+    import inspect
+
+    from slimtune.adapter_layer import is_adapter_layer
+
+    model = slimtune.get_peft_model(LLAMA.model(), slimtune.LoraConfig(r=2))
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with pytest.raises(AttributeError):
+        inspect.getattr_static(layer, "base_layer")
+    assert is_adapter_layer(layer) and not is_adapter_layer(layer.base_layer)
+    assert any(p.requires_grad for p in layer.adapters.parameters())

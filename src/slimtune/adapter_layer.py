@@ -42,6 +42,17 @@ class AdapterLayer(Protocol):
         """Remove adapter `name` (refused while it is merged)."""
 
 
+def is_adapter_layer(module: nn.Module) -> bool:
+    """True for a module that satisfies AdapterLayer.
+
+    Not `isinstance(module, AdapterLayer)`: from Python 3.12 a runtime Protocol check reads attributes
+    with inspect.getattr_static, which cannot see nn.Module children (base_layer, adapters), so every
+    layer would fail the check and adapters would silently stay frozen.
+    """
+    children = module.__dict__.get("_modules", {})
+    return "base_layer" in children and "adapters" in children and callable(getattr(module, "set_active", None))
+
+
 class ModulesToSave(nn.Module):
     """Keeps the original module frozen and trains a full copy per adapter (e.g. a classifier head)."""
 

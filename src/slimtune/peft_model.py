@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from slimtune import adapter_io
-from slimtune.adapter_layer import AdapterLayer, ModulesToSave
+from slimtune.adapter_layer import ModulesToSave, is_adapter_layer
 from slimtune.config import PeftConfig, TaskType
 from slimtune.registry import MethodSpec, PromptHooks, get_method
 from slimtune.targeting import find_targets
@@ -163,7 +163,7 @@ class PeftModel(nn.Module):
         return get_method(self.peft_config[name].peft_type)
 
     def _layers(self) -> Iterator[nn.Module]:
-        return (m for m in self.modules() if isinstance(m, (AdapterLayer, ModulesToSave)))
+        return (m for m in self.modules() if (is_adapter_layer(m) or isinstance(m, ModulesToSave)))
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Inject a new adapter (inactive until set_adapter, like peft)."""
@@ -229,8 +229,8 @@ class PeftModel(nn.Module):
         if adapter_name == self.active_adapter and len(self.peft_config) == 1:
             raise ValueError(f"cannot delete {adapter_name!r}: it is the only adapter")
         for layer in list(self._layers()):
-            if adapter_name in (layer.adapters if isinstance(layer, AdapterLayer) else layer.modules_to_save):
-                if isinstance(layer, AdapterLayer):
+            if adapter_name in (layer.adapters if is_adapter_layer(layer) else layer.modules_to_save):
+                if is_adapter_layer(layer):
                     layer.delete(adapter_name)
                 else:
                     del layer.modules_to_save[adapter_name]
@@ -267,12 +267,12 @@ class PeftModel(nn.Module):
         names = adapter_names or [self.active_adapter]
         self._refuse_prompt_merge(names)
         for layer in self._layers():
-            if isinstance(layer, AdapterLayer):
+            if is_adapter_layer(layer):
                 layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         for layer in self._layers():
-            if isinstance(layer, AdapterLayer):
+            if is_adapter_layer(layer):
                 layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -294,7 +294,7 @@ class PeftModel(nn.Module):
     @torch.no_grad()
     def _unload(self, merge: bool, safe_merge: bool) -> nn.Module:
         model = self.get_base_model()
-        wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSave))]
+        wrapped = [(n, m) for n, m in model.named_modules() if (is_adapter_layer(m) or isinstance(m, ModulesToSave))]
         for name, layer in wrapped:
             if isinstance(layer, ModulesToSave):
                 plain = layer.current() if merge else layer.original_module

@@ -125,8 +125,10 @@ def _guarded(body: Callable[[], Any], interrupted: str = "interrupted") -> None:
     except torch.OutOfMemoryError as err:
         _fail("out of GPU memory: lower train.batch_size (raise train.grad_accum to keep the batch), set "
               "train.gradient_checkpointing true, lower train.max_seq_len, or use method qlora", EXIT_DIVERGED, err)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError) as err:
         _fail(str(err), EXIT_USER_ERROR, err)
+    except OSError as err:  # a full disk (see train.checkpoint.write_failure), a dead network share, ...
+        _fail(str(err), EXIT_DIVERGED, err)
     except KeyboardInterrupt as err:
         _fail(interrupted, 130, err)
 

@@ -16,15 +16,20 @@ Layout of one checkpoint:
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,6 +40,7 @@ from slimtune.train.state import TrainState
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 
 
 @dataclass
@@ -50,13 +56,43 @@ class Checkpointable:
 
 
 def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: int) -> Path:
-    """Write checkpoint `root/step-{state.step}` atomically, then keep only the newest `keep`."""
+    """Write checkpoint `root/step-{state.step}` atomically, then keep only the newest `keep`.
+
+    A failed write (full disk, ...) removes the partial folder; the disk being full is reported as
+    OSError(ENOSPC) naming the last good checkpoint, whatever layer (torch, safetensors) noticed it.
+    """
     final = root / f"step-{state.step}"
     if is_complete(final):
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{state.step}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_checkpoint(tmp, objs, state)
+    except (OSError, RuntimeError, SafetensorError) as err:
+        failure = write_failure(err, tmp, f"checkpoint {final}", latest_checkpoint(root))
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failure from err
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a crashed run
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    prune(root, keep)
+    return final
+
+
+def write_failure(err: BaseException, folder: Path, what: str, last_good: Path | None) -> BaseException:
+    """`err` as an OSError(ENOSPC) with a readable message if the disk is full, else `err` unchanged."""
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(folder if folder.exists() else folder.parent).free < _FULL_DISK_BYTES
+    if not full:
+        return err
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: could not write {what}; {kept}. "
+                                 "Free some space, then continue with --resume")
+
+
+def _write_checkpoint(tmp: Path, objs: Checkpointable, state: TrainState) -> None:
     tmp.mkdir()
     tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(objs.model).items()}
     save_file(tensors, str(tmp / "trainable.safetensors"))
@@ -70,11 +106,6 @@ def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: i
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     _fsync_tree(tmp)
     _write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT_VERSION, "step": state.step, "files": files}))
-    shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of a crashed run
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    prune(root, keep)
-    return final
 
 
 def is_complete(path: Path) -> bool:
@@ -95,11 +126,18 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and leftovers of interrupted writes."""
+    """Delete all but the newest `keep` complete checkpoints, and leftovers of interrupted writes.
+
+    A checkpoint is renamed out of the `step-N` namespace before its files go, so a kill during the
+    delete never leaves a `step-N` that has a manifest but misses files.
+    """
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old)
+        doomed = root / f".deleting-{old.name}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
     for p in root.iterdir():
-        if p.is_dir() and (p.name.startswith(".tmp-step-") or (_STEP_DIR.match(p.name) and not is_complete(p))):
+        leftover = p.name.startswith((".tmp-step-", ".deleting-step-"))
+        if p.is_dir() and (leftover or (_STEP_DIR.match(p.name) and not is_complete(p))):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -107,13 +145,25 @@ def load_checkpoint(path: Path, objs: Checkpointable) -> TrainState:
     """Restore weights, optimizer, scheduler, scaler and RNG from `path`; return its TrainState."""
     if not is_complete(path):
         raise ValueError(f"checkpoint {path} is incomplete (no {MANIFEST})")
-    _load_trainable(path / "trainable.safetensors", objs.model)
     device = next(objs.model.parameters()).device
-    objs.optimizer.load_state_dict(_load(path / "optimizer.pt", device))
-    objs.scheduler.load_state_dict(_load(path / "scheduler.pt", "cpu"))
-    objs.scaler.load_state_dict(_load(path / "scaler.pt", "cpu"))
-    set_rng_state(_load(path / "rng.pt", "cpu"))
-    return TrainState.from_dict(json.loads((path / "trainer_state.json").read_text()))
+    _read(path / "trainable.safetensors", lambda f: _load_trainable(f, objs.model))
+    objs.optimizer.load_state_dict(_read(path / "optimizer.pt", lambda f: _load(f, device)))
+    objs.scheduler.load_state_dict(_read(path / "scheduler.pt", lambda f: _load(f, "cpu")))
+    objs.scaler.load_state_dict(_read(path / "scaler.pt", lambda f: _load(f, "cpu")))
+    set_rng_state(_read(path / "rng.pt", lambda f: _load(f, "cpu")))
+    state = _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
+    return TrainState.from_dict(state)
+
+
+def _read(file: Path, load: Callable[[Path], Any]) -> Any:
+    """load(file), with a damaged or missing file reported as a ValueError naming it."""
+    try:
+        return load(file)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError,
+            KeyError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"checkpoint {file.parent}: {file.name} is damaged or unreadable ({reason}); delete "
+                         f"{file.parent} to resume from the checkpoint before it") from None
 
 
 def _load(path: Path, device: Any) -> Any:

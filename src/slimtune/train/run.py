@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from slimtune.train.card import write_model_card
-from slimtune.train.checkpoint import latest_checkpoint
+from slimtune.train.checkpoint import latest_checkpoint, write_failure
 from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
 from slimtune.train.logs import PLOT_FILE, plot_metrics
 from slimtune.train.loop import Trainer
@@ -174,7 +174,12 @@ def save_atomically(target: Path, write: Any) -> None:
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as err:
+        failure = write_failure(err, tmp, str(target), latest_checkpoint(target.parent / "checkpoints"))
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise failure from err
     old = target.with_name(f".old-{target.name}")
     if target.exists():
         os.replace(target, old)

@@ -151,7 +151,7 @@ def from_sharegpt(row: dict, where: str) -> Sample:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError(where, name, f"expected an object with 'from' and 'value', got {turn!r:.60}")
         source = turn["from"]
-        if source not in SHAREGPT_ROLES:
+        if not isinstance(source, str) or source not in SHAREGPT_ROLES:
             raise RowError(where, f"{name}.from", f"unknown speaker {source!r}; allowed: {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[source], "content": check_text(turn["value"], where, f"{name}.value")})
     return Sample(where, messages)

@@ -9,6 +9,7 @@ Every row comes with `where`, the place a user must look when something is wrong
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,19 +70,34 @@ def _iter_rows(path: str, hub_split: str, hub_subset: str | None) -> Iterator[Ra
 
 
 def _read_jsonl(file: Path) -> Iterator[RawRow]:
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             where = f"{file} line {number}"
             try:
-                yield RawRow(where, json.loads(line))
-            except json.JSONDecodeError as exc:
-                yield RawRow(where, error=RowError(where, "<json>", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRow(where, error=RowError(where, "<json>", f"not UTF-8 text (byte {exc.start}: {exc.reason})"))
+                continue
+            if not line.strip():
+                continue
+            data, problem = _parse_json(line)
+            yield RawRow(where, data) if problem is None else RawRow(where, error=RowError(where, "<json>", problem))
+
+
+def _parse_json(text: str) -> tuple[object, str | None]:
+    """(parsed value, None) or (None, why it is not usable JSON): syntax, nesting depth, huge integers."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+    except RecursionError:
+        return None, "not usable JSON (nested too deeply)"
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        return None, f"not usable JSON ({exc})"
 
 
 def _read_json(file: Path) -> Iterator[RawRow]:
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -89,23 +105,40 @@ def _read_json(file: Path) -> Iterator[RawRow]:
             yield from _read_jsonl(file)
             return
         raise ValueError(f"{file}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except (RecursionError, ValueError):
+        raise ValueError(f"{file}: not usable JSON ({_parse_json(text)[1]})") from None
     if not isinstance(data, list):
         raise ValueError(f"{file}: a .json data file must hold a list of row objects, got a {type(data).__name__}")
     for index, row in enumerate(data):
         yield RawRow(f"{file} row index {index}", row)
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+
+
 def _read_csv(file: Path) -> Iterator[RawRow]:
-    with file.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        start = 2  # line 1 is the header
-        for index, row in enumerate(reader):
-            where = f"{file} row index {index} (line {start})"
-            start = reader.line_num + 1
-            if None in row:  # more cells than header names
-                yield RawRow(where, error=RowError(where, "<csv>", f"{len(row[None])} more cells than the header has columns"))
-                continue
-            yield RawRow(where, dict(row))
+    text = _read_text(file)  # whole file: a decoding error names the file, not a line of Python
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    start = 2  # line 1 is the header
+    index = 0
+    while True:
+        where = f"{file} row index {index} (line {start})"
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # NUL bytes, a cell over the csv module's field size limit, ...
+            raise ValueError(f"{file} near line {reader.line_num}: not readable CSV ({exc})") from None
+        start = reader.line_num + 1
+        index += 1
+        if None in row:  # more cells than header names
+            yield RawRow(where, error=RowError(where, "<csv>", f"{len(row[None])} more cells than the header has columns"))
+            continue
+        yield RawRow(where, dict(row))
 
 
 def _read_parquet(file: Path) -> Iterator[RawRow]:
@@ -113,7 +146,13 @@ def _read_parquet(file: Path) -> Iterator[RawRow]:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"reading {file} needs pyarrow: pip install pyarrow (or slimtune[data])") from None
-    for index, row in enumerate(pq.read_table(file).to_pylist()):
+    import pyarrow as pa
+
+    try:
+        rows = pq.read_table(file).to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as exc:  # a damaged or non-Parquet file
+        raise ValueError(f"{file}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    for index, row in enumerate(rows):
         yield RawRow(f"{file} row index {index}", row)
 
 

@@ -1,0 +1,185 @@
+"""Fuzzing the run YAML (`load_run_config`) and `slimtune train` on bad configs.
+
+A generated config (a valid one with keys added, dropped or given odd values, or raw YAML text, plus
+`--section.key value` overrides) ends in a RunConfig whose values are in range, or a ValueError naming
+the file; through the CLI, exit code 2 and one `error:` line. Known bugs of src/slimtune/train/ are
+pinned by strict xfail tests at the end and filtered out of the fuzz run (counted as `known_bug`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, reject
+from hypothesis import strategies as st
+from reliability_tools import count, fuzz_settings, time_limit
+from typer.testing import CliRunner
+
+from slimtune.train.run_config import RunConfig, load_run_config
+
+VALID = {
+    "model": "/nonexistent/model", "method": "lora", "peft": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+    "data": {"path": "/nonexistent/rows.jsonl", "format": "auto", "eval_split": 0.1},
+    "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "seed": 0, "save_every": 2, "precision": "fp32",
+              "warmup_ratio": 0.1, "adam_betas": [0.9, 0.99]},
+    "quant": {"type": "nf4"},
+    "output_dir": "runs/x",
+}
+SECTIONS = ["peft", "data", "train", "quant"]
+TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["", "1e-4", "nan", ".inf", "-1", "yes", "~", "null",
+                                                       "all-linear", "qlora", "../../etc", "\x00", "床"]))
+SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**64), 2**64), st.floats(), TEXT)
+VALUE = st.recursive(SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                     st.dictionaries(TEXT, inner, max_size=3)), max_leaves=8)
+KEY = st.one_of(TEXT, st.sampled_from(["lr", "lrr", "r", "max_steps", "epochs", "batch_size", "path", "format",
+                                       "type", "double_quant", "eval_every", "early_stopping_patience",
+                                       "keep_checkpoints", "warmup_steps", "adam_betas", "max_grad_norm"]))
+EDIT = st.tuples(st.sampled_from(["set", "drop", "add"]), st.sampled_from(["", *SECTIONS]), KEY, VALUE)
+
+
+def _known_bug(err: BaseException) -> bool:
+    """Exceptions of src/slimtune/train/ bugs pinned by the xfail tests below."""
+    return isinstance(err, KeyError | AttributeError | RecursionError)
+
+
+def _apply(raw: dict, edits: list[tuple[str, str, str, object]]) -> dict:
+    raw = yaml.safe_load(yaml.safe_dump(raw))
+    for op, section, key, value in edits:
+        node = raw if not section else raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            continue
+        if op == "drop":
+            node.pop(key if key in node else next(iter(node), None), None)
+        elif op == "set" and node:
+            node[key if key in node else list(node)[hash(key) % len(node)]] = value
+        else:
+            node[key] = value
+    return raw
+
+
+def _check_config(cfg: RunConfig) -> None:
+    """An accepted config holds values training can use."""
+    t = cfg.train
+    if not all(math.isfinite(getattr(t, k)) for k in ("lr", "weight_decay")) or (
+            t.max_grad_norm is not None and not math.isfinite(t.max_grad_norm)):
+        count("run_config_known_bug")  # NaN/inf accepted: test_non_finite_learning_rate_is_refused
+        reject()
+    assert t.lr > 0 and t.batch_size >= 1 and t.save_every >= 1 and t.keep_checkpoints >= 1
+    assert isinstance(cfg.model, str) and cfg.model and isinstance(cfg.output_dir, str)
+    assert isinstance(cfg.data.path, str) and cfg.data.path.strip()
+
+
+def _load(path: Path, overrides: list[str]) -> RunConfig | None:
+    try:
+        with time_limit(10):
+            return load_run_config(path, overrides)
+    except ValueError as err:
+        assert str(path) in str(err) or "override" in str(err) or "config file" in str(err), str(err)
+        return None
+    except Exception as err:
+        if _known_bug(err):
+            count("run_config_known_bug")
+            reject()
+        raise
+
+
+OVERRIDE = st.tuples(st.sampled_from(["train.lr", "train.max_steps", "data.path", "peft.r", "quant.type", "model",
+                                      "train", "nosuch.key", "train.lrr", "output_dir", "method", "peft"]),
+                     st.one_of(TEXT, st.sampled_from(["[1, 2]", "{a: 1}", "1e-4", "-3", "nan", "''", ": bad"])))
+
+
+@given(edits=st.lists(EDIT, max_size=5), overrides=st.lists(OVERRIDE, max_size=3), dangling=st.booleans())
+@fuzz_settings(300)
+def test_fuzz_run_config_dicts(tmp_path_factory: pytest.TempPathFactory, edits: list, overrides: list,
+                               dangling: bool) -> None:
+    count("run_config")
+    path = tmp_path_factory.mktemp("cfg") / "run.yaml"
+    path.write_text(yaml.safe_dump(_apply(VALID, edits), allow_unicode=True))
+    args = [a for k, v in overrides for a in (f"--{k}", v)] + (["--train.seed"] if dangling else [])
+    cfg = _load(path, args)
+    if cfg is not None:
+        _check_config(cfg)
+
+
+@given(text=st.one_of(st.text(max_size=200), st.sampled_from([
+    "model: [", "- a\n- b", "model: x\ndata: 3", "!!python/object:os.system {}", "model: !!binary AAAA",
+    "&a [*a]", "model: x\n" + "  " * 500 + "y: 1", "a: " + "[" * 2000, "? [a, b]\n: 1", "\t- tab", "%YAML 9.9\n---",
+    "model: m\ndata: {path: p}\ntrain: {lr: .nan}", "model: m\ndata: {path: p}\ntrain: {lr: .inf}",
+])), overrides=st.lists(OVERRIDE, max_size=2))
+@fuzz_settings(200)
+def test_fuzz_run_config_text(tmp_path_factory: pytest.TempPathFactory, text: str, overrides: list) -> None:
+    count("run_config_text")
+    path = tmp_path_factory.mktemp("cfgtext") / "run.yaml"
+    path.write_text(text, errors="surrogatepass")
+    cfg = _load(path, [a for k, v in overrides for a in (f"--{k}", v)])
+    if cfg is not None:
+        _check_config(cfg)
+
+
+@given(edits=st.lists(EDIT, min_size=1, max_size=3))
+@fuzz_settings(40)
+def test_fuzz_cli_bad_configs_exit_2_with_one_line(tmp_path_factory: pytest.TempPathFactory, edits: list) -> None:
+    """Through `slimtune train` (in-process): the model path does not exist, so every config fails fast."""
+    from slimtune.cli.main import app
+
+    count("run_config_cli")
+    root = tmp_path_factory.mktemp("cli")
+    path = root / "run.yaml"
+    raw = _apply(VALID, edits)
+    if isinstance(raw, dict) and isinstance(raw.get("output_dir"), str):
+        raw["output_dir"] = str(root / "out")
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    with time_limit(30):
+        result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+    if result.exception is not None and _known_bug(result.exception):
+        count("run_config_known_bug")
+        reject()
+    assert isinstance(result.exception, SystemExit | None), repr(result.exception)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error:") and "Traceback" not in result.output
+
+
+# ---- bugs the fuzzing found in src/slimtune/train/run_config.py (not ours to edit) ----------------------------
+@pytest.mark.xfail(strict=True, reason="train/run_config.py RunConfig.from_dict reads raw['data'] unguarded: a "
+                   "config without a data section raises KeyError('data') (a traceback in the CLI), although "
+                   "RunConfig.data's docstring says omitted means DataConfig's defaults. "
+                   "Fix: from_mapping(_data_config_class(), raw.get('data'), 'data')")
+def test_config_without_data_section(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\n")
+    assert load_run_config(path).data.path == "slimtune:wordnet_instruct"
+
+
+@pytest.mark.xfail(strict=True, reason="train/run_config.py apply_overrides calls raw.get on whatever the YAML "
+                   "held: a YAML list or scalar plus any --key override raises AttributeError (traceback). "
+                   "Fix: in load_run_config, raise ValueError(f'{path}: a run config must be a mapping') when "
+                   "raw is not a dict, before apply_overrides")
+def test_config_that_is_a_list_with_an_override(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_run_config(path, ["--train.lr", "1"])
+
+
+@pytest.mark.xfail(strict=True, reason="train/config.py TrainConfig.__post_init__ checks `lr <= 0`, which is "
+                   "False for NaN: `lr: .nan` is accepted and the run diverges at step 1. Fix: "
+                   "`if not math.isfinite(v) or v <= 0` for the float fields (lr, max_grad_norm, warmup_ratio)")
+@pytest.mark.parametrize("value", [".nan", ".inf"])
+def test_non_finite_learning_rate_is_refused(tmp_path: Path, value: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: m\ndata: {{path: p.jsonl}}\ntrain: {{lr: {value}}}\n")
+    with pytest.raises(ValueError, match="lr"):
+        load_run_config(path)
+
+
+@pytest.mark.xfail(strict=True, reason="train/run_config.py load_run_config catches only yaml.YAMLError: a deeply "
+                   "nested YAML flow ('a: [[[[...') raises RecursionError from the PyYAML parser (traceback). "
+                   "Fix: `except (yaml.YAMLError, RecursionError)` around yaml.safe_load")
+def test_deeply_nested_yaml_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("a: " + "[" * 2000)
+    with pytest.raises(ValueError, match="YAML"):
+        load_run_config(path)

@@ -92,7 +92,8 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path: Path, tiny_model_dir:
     ("args", "message"),
     [
         (["--train.lrr", "1"], "unknown key 'lrr' in section 'train'; did you mean 'lr'?"),
-        (["--method", "prefix_tuning", "--peft", "{}"], "method 'prefix_tuning'"),
+        (["--method", "lroa"], "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
+        (["--method", "prefix_tuning"], "unknown key 'r' in section 'peft'"),
         (["--model", "/nonexistent/model"], "model: cannot load"),
         (["--data.path", "/nonexistent.jsonl"], "nonexistent.jsonl"),
         (["--resume"], "--resume: no complete checkpoint"),

@@ -140,8 +140,10 @@ class PeftConfig:
         if not file.is_file():
             raise ValueError(f"{file}: no adapter config found; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
         try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise ValueError(f"{file}: not usable JSON (nested too deeply)") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise ValueError(f"{file}: not valid JSON ({err})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")

@@ -230,11 +230,16 @@ class _Loader:
                 f"'{weight_key}.quant_state.bitsandbytes__nf4' (or __fp4) key; its quant state is missing"
             )
         try:
-            state = QuantState.from_dict(tensors, prefix=f"{weight_key}.", device=self.device)
+            state = QuantState.from_dict(tensors, prefix=f"{weight_key}.", device=self.device,
+                                         packed=tensors[weight_key])
         except ValueError:
             if not final:
                 return  # more keys of this module may still come from a later shard
             raise
+        expected = tuple(self.model.get_submodule(module_name).weight.shape)
+        if tuple(state.shape) != expected:
+            raise ValueError(f"4-bit checkpoint: {weight_key!r} has quant-state shape {tuple(state.shape)}, the "
+                             f"model's config expects {expected}")
         del self.pending[module_name]
         self._swap(module_name, tensors[weight_key].to(self.device), state)
         for key in tensors:

@@ -34,8 +34,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _parse_dtype(name: str, key: str) -> torch.dtype:
-    if name not in _DTYPES:
+def _parse_dtype(name: object, key: str) -> torch.dtype:
+    if not isinstance(name, str) or name not in _DTYPES:
         raise ValueError(f"{key}: dtype {name!r} is not supported; allowed: {tuple(_DTYPES)}")
     return _DTYPES[name]
 
@@ -120,23 +120,33 @@ class QuantState:
 
     @classmethod
     def from_dict(
-        cls, tensors: dict[str, torch.Tensor], prefix: str = "", device: torch.device | str | None = None
+        cls,
+        tensors: dict[str, torch.Tensor],
+        prefix: str = "",
+        device: torch.device | str | None = None,
+        packed: torch.Tensor | None = None,
     ) -> QuantState:
-        """Read the keys written by `as_dict` (or by bitsandbytes). Raises ValueError naming missing keys."""
+        """Read the keys written by `as_dict` (or by bitsandbytes). Raises ValueError naming missing keys.
+
+        Every field is checked against the others (absmax has one entry per block, the codebooks have 16 and
+        256 entries, `packed`, when given, holds ceil(numel / 2) bytes), so a damaged checkpoint is refused
+        here rather than failing, or silently computing garbage, at the first forward.
+        """
+        name = prefix.rstrip(".")
         packed_keys = [k for k in tensors if k.startswith(f"{prefix}{_PACKED_PREFIX}")]
         if len(packed_keys) != 1:
             raise ValueError(
-                f"4-bit tensor {prefix.rstrip('.')!r}: expected exactly one key "
+                f"4-bit tensor {name!r}: expected exactly one key "
                 f"'{prefix}{_PACKED_PREFIX}nf4' or '...fp4', found {packed_keys or 'none'}"
             )
-        fields = json.loads(bytes(tensors[packed_keys[0]].cpu().tolist()).decode("utf-8"))
+        fields = _read_fields(tensors[packed_keys[0]], packed_keys[0])
         required = [f"{prefix}{k}" for k in QUANT_STATE_KEYS]
         if "nested_offset" in fields:
             required += [f"{prefix}{k}" for k in _NESTED_KEYS]
         missing = [k for k in required if k not in tensors]
         if missing:
             raise ValueError(
-                f"4-bit tensor {prefix.rstrip('.')!r} is missing quant-state keys {missing}; "
+                f"4-bit tensor {name!r} is missing quant-state keys {missing}; "
                 f"a bitsandbytes 4-bit checkpoint needs {required + packed_keys}"
             )
         quant_type = fields.get("quant_type")
@@ -144,20 +154,71 @@ class QuantState:
             raise ValueError(
                 f"{packed_keys[0]}: quant_type {quant_type!r} is not supported; allowed: ('nf4', 'fp4')"
             )
+        shape = _positive_ints(fields.get("shape"), f"{packed_keys[0]}: shape", allow_zero=True)
+        blocksize = _positive_ints([fields.get("blocksize")], f"{packed_keys[0]}: blocksize")[0]
+        dtype = _parse_dtype(fields.get("dtype"), packed_keys[0])
+        numel = torch.Size(shape).numel()
+        n_blocks = -(-numel // blocksize)
+        absmax, code = tensors[f"{prefix}absmax"], tensors[f"{prefix}quant_map"]
+        _check_numel(absmax, n_blocks, f"{prefix}absmax", f"one per block of {blocksize} of shape {shape}")
+        _check_numel(code, 16, f"{prefix}quant_map", "the 4-bit codebook")
+        if packed is not None:
+            _check_numel(packed.reshape(-1).view(torch.uint8), (numel + 1) // 2, name, f"packed bytes of {shape}")
         state2 = None
         if "nested_offset" in fields:
-            state2 = NestedState(
-                absmax=tensors[f"{prefix}nested_absmax"].to(device).float(),
-                code=tensors[f"{prefix}nested_quant_map"].to(device).float(),
-                offset=torch.tensor(float(fields["nested_offset"]), dtype=torch.float32, device=device),
-                blocksize=int(fields["nested_blocksize"]),
-            )
+            state2 = _nested_state(tensors, prefix, fields, packed_keys[0], n_blocks, device)
+            if absmax.dtype != torch.uint8:
+                raise ValueError(f"{prefix}absmax: a nested (double-quantized) absmax is uint8, got {absmax.dtype}")
+        elif not absmax.is_floating_point():
+            raise ValueError(f"{prefix}absmax: expected float scales, got {absmax.dtype} (and no nested_offset)")
         return cls(
-            absmax=tensors[f"{prefix}absmax"].to(device),
-            shape=torch.Size(fields["shape"]),
-            dtype=_parse_dtype(fields["dtype"], packed_keys[0]),
-            blocksize=int(fields["blocksize"]),
+            absmax=absmax.to(device),
+            shape=torch.Size(shape),
+            dtype=dtype,
+            blocksize=blocksize,
             quant_type=quant_type,
-            code=tensors[f"{prefix}quant_map"].to(device).float(),
+            code=code.to(device).float(),
             state2=state2,
         )
+
+
+def _read_fields(blob: torch.Tensor, key: str) -> dict[str, object]:
+    """The JSON object stored as uint8 bytes under `key`."""
+    try:
+        fields = json.loads(bytes(blob.reshape(-1).to(torch.uint8).cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"{key}: not a JSON quant state ({err})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{key}: the quant state must be a JSON object, got {type(fields).__name__}")
+    return fields
+
+
+def _positive_ints(value: object, what: str, allow_zero: bool = False) -> list[int]:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, list) or not value or not all(
+        isinstance(v, int) and not isinstance(v, bool) and low <= v < 2**40 for v in value
+    ):
+        raise ValueError(f"{what} must be a list of integers >= {low}, got {value!r}")
+    return value
+
+
+def _check_numel(t: torch.Tensor, expected: int, key: str, why: str) -> None:
+    if t.numel() != expected:
+        raise ValueError(f"{key}: has {t.numel()} values, expected {expected} ({why})")
+
+
+def _nested_state(tensors: dict[str, torch.Tensor], prefix: str, fields: dict[str, object], key: str,
+                  n_blocks: int, device: torch.device | str | None) -> NestedState:
+    blocksize = _positive_ints([fields.get("nested_blocksize")], f"{key}: nested_blocksize")[0]
+    offset = fields.get("nested_offset")
+    if not isinstance(offset, int | float) or isinstance(offset, bool) or offset != offset or abs(offset) == float("inf"):
+        raise ValueError(f"{key}: nested_offset must be a finite number, got {offset!r}")
+    absmax, code = tensors[f"{prefix}nested_absmax"], tensors[f"{prefix}nested_quant_map"]
+    _check_numel(absmax, -(-n_blocks // blocksize), f"{prefix}nested_absmax", f"one per {blocksize} absmax values")
+    _check_numel(code, 256, f"{prefix}nested_quant_map", "the 8-bit dynamic map")
+    return NestedState(
+        absmax=absmax.to(device).float(),
+        code=code.to(device).float(),
+        offset=torch.tensor(float(offset), dtype=torch.float32, device=device),
+        blocksize=blocksize,
+    )

@@ -169,6 +169,9 @@ class _Handler(BaseHTTPRequestHandler):
         except APIError as err:
             self._json(err.status, err.body())
             return
+        except Exception as err:  # a bug must still answer JSON, never drop the connection with a traceback
+            self._json(500, APIError(500, f"internal error: {type(err).__name__}", kind="server_error").body())
+            return
         if request.stream:
             self._stream(job, request, len(job.prompt_ids))
         else:
@@ -176,16 +179,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise APIError(411, "a Content-Length header is required (chunked bodies are not accepted)")
-        if int(length) > self.app.config.max_body_bytes:
+        if length is None or not (length.isascii() and length.isdigit()):  # "²".isdigit() is True
+            raise APIError(411, "a Content-Length header (a decimal byte count) is required; chunked bodies are "
+                           "not accepted")
+        if len(length) > 15 or int(length) > self.app.config.max_body_bytes:  # int() of 4300+ digits raises
             self.close_connection = True  # the body stays unread
             raise APIError(413, f"request body of {length} bytes exceeds the limit of "
                            f"{self.app.config.max_body_bytes} bytes", code="request_too_large")
         raw = self.rfile.read(int(length))
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except RecursionError:
+            raise APIError(400, "the request body is not usable JSON: nested too deeply") from None
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise APIError(400, f"the request body is not valid JSON: {err}") from None
 
     def _complete(self, job: Job, request: ParsedRequest, prompt_tokens: int) -> None:

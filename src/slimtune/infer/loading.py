@@ -168,7 +168,8 @@ def _load_base(model: str, quant: str, dtype: torch.dtype, device: torch.device)
             return load_model(model, quantization=quant, compute_dtype=dtype, device=device)
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        # use_safetensors: a folder holding only pytorch_model.bin is refused, never unpickled
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device)
     except OSError as err:
         raise ValueError(f"--model {model!r}: cannot load it ({str(err).splitlines()[0]})") from None
 

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from slimtune.cli.bench_cmd import bench_command
 from slimtune.cli.chat_cmd import chat_command
 from slimtune.cli.eval_cmd import eval_command
 from slimtune.cli.export_cmd import export_command
@@ -155,6 +156,7 @@ app.command("chat")(chat_command)
 app.command("merge")(merge_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)
+app.command("bench")(bench_command)
 
 
 def main() -> None:

@@ -1,0 +1,35 @@
+"""`slimtune bench`: slimtune vs peft (+ bitsandbytes) on the reference workloads, side by side in one run.
+
+Registered in main.py with `app.command("bench")(bench_command)`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+
+def bench_command(
+    workloads: Annotated[list[str] | None, typer.Argument(
+        help="Workload names (default: 1b-lora-b4 1b-qlora-b4 8b-lora-b1 8b-qlora-b1 8b-qlora-b4 70b-qlora-b1).",
+        show_default=False)] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=1, help="Tokens per row.")] = 2048,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed steps per workload.")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed steps first.")] = 2,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline",
+                                           help="Also run peft (+ bitsandbytes for 4-bit).")] = True,
+    device: Annotated[str | None, typer.Option("--device", help="cuda (default when present) or cpu "
+                                               "(a smoke run on a tiny shape; its numbers mean nothing).")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Measure tokens/s, peak memory and MFU of slimtune and the baseline, and print their ratios."""
+    from slimtune.cli.main import _guarded
+
+    def body() -> None:
+        from slimtune.bench import run_bench
+
+        run_bench(workloads or None, device=device, seq_len=seq_len, warmup=warmup, steps=steps,
+                  baseline=baseline, json_path=json_path)
+
+    _guarded(body)

@@ -10,13 +10,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, reject
 from hypothesis import strategies as st
 from reliability_tools import count, fuzz_settings, time_limit
 from safetensors.torch import save_file
@@ -57,9 +59,26 @@ def test_fuzz_adapter_config(tmp_path_factory: pytest.TempPathFactory, data: obj
         message = str(err)
         assert message and "\n" not in message.strip(), message
         return
+    except AttributeError as err:  # a methods/ bug: test_lora_config_with_null_patterns below
+        if "methods" in "".join(f.filename for f in traceback.extract_tb(err.__traceback__)):
+            count("adapter_config_known_bug")
+            reject()
+        raise
     # accepted: it must write back and read again to an equal config
     config.save_pretrained(folder / "again")
     assert PeftConfig.from_pretrained(folder / "again").to_dict() == config.to_dict()
+
+
+@pytest.mark.xfail(strict=True, reason="methods/lora/config.py LoraConfig.__post_init__ iterates "
+                   "self.rank_pattern.items() (and alpha_pattern) unchecked: 'rank_pattern': null or a list in "
+                   "adapter_config.json raises AttributeError. Fix: treat None as {} and raise "
+                   "TypeError('rank_pattern must be a mapping of module name -> rank') for anything else")
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+@pytest.mark.parametrize("value", [None, [1, 2]])
+def test_lora_config_with_null_patterns(tmp_path: Path, field: str, value: object) -> None:
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({**LORA, field: value}))
+    with contextlib.suppress(ValueError, TypeError):  # a clear error, or a config with the default patterns
+        PeftConfig.from_pretrained(tmp_path)
 
 
 # ---- adapter_model.safetensors -------------------------------------------------------------------------------------

@@ -49,19 +49,28 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint in "
                                          "output_dir/checkpoints, exactly where it stopped.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the live progress bar.")] = True,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Train data-parallel on this many GPUs (re-runs itself "
+                                      "under torchrun; see train.distributed).")] = 1,
 ) -> None:
     """Fine-tune a model as described by CONFIG; extra `--section.key value` pairs override its keys.
 
     Example: `slimtune train examples/lora.yaml --train.max_steps 100 --output_dir runs/try`
     """
 
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        from slimtune.train.launch import relaunch
+
+        raise typer.Exit(relaunch(gpus))
+
     def body() -> None:
+        from slimtune.train.distributed import teardown
         from slimtune.train.run import run_training
         from slimtune.train.run_config import load_run_config
 
         cfg = load_run_config(config, ctx.args)
         _quiet_transformers()
         run_training(cfg, resume=resume, progress=progress, console=console)
+        teardown()
 
     _guarded(body, interrupted="interrupted; continue with `slimtune train CONFIG --resume`")
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal["linear", "cosine", "constant"]
+Distributed = Literal["ddp", "fsdp2"]
 
 
 @dataclass
@@ -61,6 +62,8 @@ class TrainConfig:
     """Ask torch for deterministic kernels (slower on GPU; CPU runs are deterministic anyway)."""
     tensorboard: bool = True
     """Also log to TensorBoard under output_dir/tensorboard (skipped if tensorboard is missing)."""
+    distributed: Distributed = "ddp"
+    """Under torchrun (or --gpus N): ddp replicates the model, fsdp2 shards it (fully_shard per block)."""
 
     def __post_init__(self) -> None:
         positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "save_every",

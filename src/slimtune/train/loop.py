@@ -81,7 +81,7 @@ class Trainer:
         else:
             seed_everything(self.cfg.seed)  # dropout and the rest start from the seed, whatever ran before
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(self.output_dir, self.state.history, self.cfg.tensorboard, self.console)
+        log = self.open_log()
         window = _Window()
         try:
             with ProgressBar(self.total_steps, self.state.step, self.console, self.show_progress) as bar:
@@ -102,6 +102,9 @@ class Trainer:
             log.close()
         return self.state
 
+    def open_log(self) -> MetricsLog:
+        return MetricsLog(self.output_dir, self.state.history, self.cfg.tensorboard, self.console)
+
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stop_reason is not None
 
@@ -114,8 +117,12 @@ class Trainer:
                 if self.finished():
                     return
                 chunk = batches[s.batch_in_epoch : s.batch_in_epoch + cfg.grad_accum]
-                yield [self.collate([self.train_rows[i] for i in idx]) for idx in chunk]
+                yield [self.micro_batch(idx) for idx in chunk]
             s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+
+    def micro_batch(self, idx: list[int]) -> Batch:
+        """The collated rows `idx` (a rank of a distributed run takes its shard: train.distributed)."""
+        return self.collate([self.train_rows[i] for i in idx])
 
     # ------------------------------------------------------------------------------------- step
     def train_step(self, group: list[Batch]) -> dict[str, float]:

@@ -23,6 +23,8 @@ from torch import nn
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
 from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
+from slimtune.train.distributed import DistributedTrainer, is_distributed, is_main, save_on_main
+from slimtune.train.distributed import setup as dist_setup
 from slimtune.train.logs import PLOT_FILE, plot_metrics
 from slimtune.train.loop import Trainer
 from slimtune.train.methods import build_peft_config, load_base_model, method_spec, prepare_model
@@ -53,9 +55,11 @@ class RunResult:
 def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
                  console: Console | None = None) -> RunResult:
     console = console or Console(stderr=True)
+    if not is_main():  # under torchrun only rank 0 speaks and writes
+        console = Console(stderr=True, quiet=True)
     out = Path(cfg.output_dir)
     check_output_dir(out, resume)
-    device = resolve_device(cfg.train.device)
+    device = dist_setup(cfg.train.device) if is_distributed() else resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -71,16 +75,20 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if resume:
         report_config_changes(out / "config.yaml", cfg, console)
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    if is_main():
+        cfg.save(out / "config.yaml")
 
     mask_dtype = autocast_dtype(cfg.train.precision, device) or torch.float32
     collate = SFTCollator(tokenizer.pad_token_id, packed_attention=cfg.data.packed_attention, mask_dtype=mask_dtype)
     is_peft = method_spec(cfg.method).config_class is not None
-    trainer = Trainer(model, cfg.train, data.train, data.eval, collate, out, plan=plan, save_adapter=is_peft,
-                      progress=progress, console=console)
+    extra = {"strategy": cfg.train.distributed} if is_distributed() else {}
+    trainer = (DistributedTrainer if is_distributed() else Trainer)(
+        model, cfg.train, data.train, data.eval, collate, out, plan=plan, save_adapter=is_peft,
+        progress=progress and is_main(), console=console, **extra)
     state = trainer.fit(resume=resume)
 
-    artifact = save_outputs(out / ("adapter" if is_peft else "model"), cfg, model, tokenizer, data, state, console)
+    artifact = save_on_main(model, lambda: save_outputs(out / ("adapter" if is_peft else "model"), cfg, model,
+                                                       tokenizer, data, state, console))
     return RunResult(out, artifact, state, model, tokenizer, data, collate)
 
 

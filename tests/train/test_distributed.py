@@ -3,6 +3,7 @@
 Each run is the real CLI (`python -m torch.distributed.run -m slimtune train`) on the tiny Llama:
 8 alpaca rows, batch 2 x accumulation 2, 4 steps (2 epochs), fp32, no dropout, constant lr so a run
 stopped at step 2 and resumed to step 4 sees the schedule of an uninterrupted one.
+SLIMTUNE_DIST_TEST_DEVICE=cuda runs them on GPUs (nccl).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from slimtune.train.distributed import shard_rows
 from slimtune.train.launch import torchrun_command, without_gpus
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+DEVICE = os.environ.get("SLIMTUNE_DIST_TEST_DEVICE", "cpu")  # cuda: the same tests on GPUs with nccl
 
 
 def write_config(root: Path, model_dir: Path, name: str, method: str = "lora", **train: object) -> Path:
@@ -35,7 +37,7 @@ def write_config(root: Path, model_dir: Path, name: str, method: str = "lora", *
         "data": {"path": str(train_rows), "eval_path": str(root / "eval.jsonl")},
         "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 1.0e-2, "scheduler": "constant",
                   "max_seq_len": 64, "seed": 0, "log_every": 1, "eval_every": 2, "save_every": 2,
-                  "precision": "fp32", "device": "cpu", "tensorboard": False, **train},
+                  "precision": "fp32", "device": DEVICE, "tensorboard": False, **train},
         "output_dir": str(root / name),
     }
     path = root / f"{name}.yaml"

@@ -82,12 +82,13 @@ def shard_rows(idx: list[int], rank_: int, world: int) -> tuple[list[int], float
     return (mine, 1.0) if mine else (idx[:1], 0.0)
 
 
-def fully_shard_model(model: nn.Module) -> nn.Module:
+def fully_shard_model(model: nn.Module, root: nn.Module | None = None) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; parameters become DTensors).
 
     Every parameter is sharded along dim 0, the frozen base too (4-bit packed weights are uint8
     parameters, all-gathered per block like the rest); buffers and Linear4bit's quant_state
-    (absmax, codebook: small) are replicated on every rank.
+    (absmax, codebook: small) are replicated on every rank. `root` (default `model`) is the module
+    whose forward is called: it holds the rest (embedding, final norm, lm_head).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -99,7 +100,7 @@ def fully_shard_model(model: nn.Module) -> nn.Module:
                          f"{sorted(block_names)}); use train.distributed ddp")
     for block in blocks:
         fully_shard(block)
-    fully_shard(model)
+    fully_shard(root if root is not None else model)
     return model
 
 

@@ -128,3 +128,12 @@ def test_fsdp2_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path, tiny_m
     slimtune_train(write_config(runs, tiny_model_dir, "fsdp", distributed="fsdp2"), 2)
     assert read_metrics(runs / "fsdp")["loss"] == pytest.approx(read_metrics(runs / "one")["loss"], abs=1e-5)
     assert_same_adapter(adapter(runs / "one"), adapter(runs / "fsdp"))
+
+
+def test_fsdp2_qlora_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path, tiny_model_dir: Path) -> None:
+    """NF4 weights are uint8 parameters: sharded by fully_shard (torch >= 2.13) or replicated (older)."""
+    slimtune_train(write_config(runs, tiny_model_dir, "q-one", method="qlora"), 1)
+    slimtune_train(write_config(runs, tiny_model_dir, "q-fsdp", method="qlora", distributed="fsdp2"), 2)
+    one, two = read_metrics(runs / "q-one"), read_metrics(runs / "q-fsdp")
+    assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert_same_adapter(adapter(runs / "q-one"), adapter(runs / "q-fsdp"))

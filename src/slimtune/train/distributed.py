@@ -82,13 +82,22 @@ def shard_rows(idx: list[int], rank_: int, world: int) -> tuple[list[int], float
     return (mine, 1.0) if mine else (idx[:1], 0.0)
 
 
-def fully_shard_model(model: nn.Module, root: nn.Module | None = None) -> nn.Module:
+def quantized_weights_shardable() -> bool:
+    """Whether fully_shard takes uint8 (NF4-packed) parameters: torch >= 2.13 (2.11 raises, see docs)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
+def fully_shard_model(model: nn.Module, root: nn.Module | None = None,
+                      shard_quantized: bool | None = None) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; parameters become DTensors).
 
     Every parameter is sharded along dim 0, the frozen base too (4-bit packed weights are uint8
     parameters, all-gathered per block like the rest); buffers and Linear4bit's quant_state
     (absmax, codebook: small) are replicated on every rank. `root` (default `model`) is the module
-    whose forward is called: it holds the rest (embedding, final norm, lm_head).
+    whose forward is called: it holds the rest (embedding, final norm, lm_head). Where fully_shard
+    rejects integer parameters (torch < 2.13; `shard_quantized` False), the packed 4-bit weights are
+    `ignored_params` instead: replicated on every rank, the rest sharded.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -98,9 +107,11 @@ def fully_shard_model(model: nn.Module, root: nn.Module | None = None) -> nn.Mod
     if not blocks:
         raise ValueError(f"fsdp2: no transformer block found in {type(base).__name__} (_no_split_modules is "
                          f"{sorted(block_names)}); use train.distributed ddp")
+    shard_quantized = quantized_weights_shardable() if shard_quantized is None else shard_quantized
+    ignored = None if shard_quantized else {p for p in model.parameters() if not p.is_floating_point()}
     for block in blocks:
-        fully_shard(block)
-    fully_shard(root if root is not None else model)
+        fully_shard(block, ignored_params=ignored)
+    fully_shard(root if root is not None else model, ignored_params=ignored)
     return model
 
 

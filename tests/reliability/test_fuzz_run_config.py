@@ -143,20 +143,12 @@ def test_fuzz_cli_bad_configs_exit_2_with_one_line(tmp_path_factory: pytest.Temp
 
 
 # ---- bugs the fuzzing found in src/slimtune/train/run_config.py (not ours to edit) ----------------------------
-@pytest.mark.xfail(strict=True, reason="train/run_config.py RunConfig.from_dict reads raw['data'] unguarded: a "
-                   "config without a data section raises KeyError('data') (a traceback in the CLI), although "
-                   "RunConfig.data's docstring says omitted means DataConfig's defaults. "
-                   "Fix: from_mapping(_data_config_class(), raw.get('data'), 'data')")
 def test_config_without_data_section(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("model: m\n")
     assert load_run_config(path).data.path == "slimtune:wordnet_instruct"
 
 
-@pytest.mark.xfail(strict=True, reason="train/run_config.py apply_overrides calls raw.get on whatever the YAML "
-                   "held: a YAML list or scalar plus any --key override raises AttributeError (traceback). "
-                   "Fix: in load_run_config, raise ValueError(f'{path}: a run config must be a mapping') when "
-                   "raw is not a dict, before apply_overrides")
 def test_config_that_is_a_list_with_an_override(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("- a\n- b\n")
@@ -164,9 +156,6 @@ def test_config_that_is_a_list_with_an_override(tmp_path: Path) -> None:
         load_run_config(path, ["--train.lr", "1"])
 
 
-@pytest.mark.xfail(strict=True, reason="train/config.py TrainConfig.__post_init__ checks `lr <= 0`, which is "
-                   "False for NaN: `lr: .nan` is accepted and the run diverges at step 1. Fix: "
-                   "`if not math.isfinite(v) or v <= 0` for the float fields (lr, max_grad_norm, warmup_ratio)")
 @pytest.mark.parametrize("value", [".nan", ".inf"])
 def test_non_finite_learning_rate_is_refused(tmp_path: Path, value: str) -> None:
     path = tmp_path / "run.yaml"
@@ -175,9 +164,6 @@ def test_non_finite_learning_rate_is_refused(tmp_path: Path, value: str) -> None
         load_run_config(path)
 
 
-@pytest.mark.xfail(strict=True, reason="train/run_config.py load_run_config catches only yaml.YAMLError: a deeply "
-                   "nested YAML flow ('a: [[[[...') raises RecursionError from the PyYAML parser (traceback). "
-                   "Fix: `except (yaml.YAMLError, RecursionError)` around yaml.safe_load")
 def test_deeply_nested_yaml_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("a: " + "[" * 2000)

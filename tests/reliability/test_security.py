@@ -85,10 +85,6 @@ def test_inference_loads_base_weights_only_from_safetensors(tmp_path: Path, chat
     assert not marker.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train/methods.py load_base_model calls AutoModelForCausalLM.from_pretrained"
-                   "(path, dtype=...) without use_safetensors=True, so a model folder holding only "
-                   "pytorch_model.bin is trained from (torch.load weights_only) instead of refused. "
-                   "Fix: pass use_safetensors=True (as slimtune.infer.loading does)")
 def test_training_refuses_a_pickled_base_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 

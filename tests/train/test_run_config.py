@@ -43,7 +43,7 @@ def test_valid_config_types_and_defaults(tmp_path: Path) -> None:
         ({**BASE, "method": "lroa"}, "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
         ({**BASE, "train": {"batch_size": "four"}}, "train.batch_size must be an integer; got 'four'"),
         ({**BASE, "train": {"precision": "fp8"}}, "train.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
-        ({**BASE, "train": {"lr": 0}}, "train.lr must be > 0, got 0.0"),
+        ({**BASE, "train": {"lr": 0}}, "train.lr must be > 0 and finite, got 0.0"),
         ({**BASE, "train": {"warmup_steps": 3, "warmup_ratio": 0.1}}, "warmup_steps and train.warmup_ratio are exclusive"),
         ({**BASE, "train": {"early_stopping_patience": 2}}, "needs train.eval_every"),
         ({**BASE, "method": "full"}, "section 'peft' must be empty for method 'full'"),

@@ -6,6 +6,7 @@ docstring becomes the `slimtune train --help` text (see `slimtune.train.docs`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,12 +70,12 @@ class TrainConfig:
         positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "save_every",
                     "keep_checkpoints", "log_every")
         for key in positive:
-            if getattr(self, key) <= 0:
-                raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)!r}")
+            if not 0 < getattr(self, key) < math.inf:  # NaN fails too
+                raise ValueError(f"train.{key} must be > 0 and finite, got {getattr(self, key)!r}")
         for key in ("max_steps", "eval_every", "early_stopping_patience", "max_grad_norm"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ValueError(f"train.{key} must be > 0 or null, got {value!r}")
+            if value is not None and not 0 < value < math.inf:
+                raise ValueError(f"train.{key} must be > 0 (finite) or null, got {value!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -128,7 +128,7 @@ def load_base_model(path: str, method: str, dtype: torch.dtype, quant: Any, devi
                           device=device)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # nothing unpickled
 
 
 def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_checkpointing: bool) -> nn.Module:

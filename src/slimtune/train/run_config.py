@@ -71,7 +71,7 @@ class RunConfig:
             raise ValueError("missing required key 'model' (a model folder or hub name)")
         return cls(
             model=coerce(raw["model"], str, "model"),
-            data=from_mapping(_data_config_class(), raw["data"], "data"),
+            data=from_mapping(_data_config_class(), raw.get("data"), "data"),
             method=coerce(raw.get("method", "lora"), str, "method"),
             peft=coerce(raw.get("peft") or {}, dict, "peft"),
             train=from_mapping(TrainConfig, raw.get("train"), "train"),
@@ -98,6 +98,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid YAML: nested too deeply") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run config must be a YAML mapping of sections (model, method, peft, data, "
+                         f"train, output_dir), got a {type(raw).__name__}")
     try:
         apply_overrides(raw, parse_overrides(overrides or []))
         return RunConfig.from_dict(raw)

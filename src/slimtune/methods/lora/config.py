@@ -61,6 +61,12 @@ class LoraConfig(PeftConfig):
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init == "gaussian" or _pissa_iters(init) is not None):
             raise ValueError(f"init_lora_weights={init!r} is not valid; allowed: {INIT_CHOICES}")
+        for field in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, field)
+            if value is None:
+                setattr(self, field, {})
+            elif not isinstance(value, dict):
+                raise TypeError(f"{field}={value!r} must be a mapping of module name (or regex) -> value")
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():

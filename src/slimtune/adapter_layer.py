@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -51,6 +52,16 @@ def is_adapter_layer(module: nn.Module) -> bool:
     """
     children = module.__dict__.get("_modules", {})
     return "base_layer" in children and "adapters" in children and callable(getattr(module, "set_active", None))
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear holding `weight` (out, in) and `bias` in `dtype`: what a merged 4-bit layer becomes
+    (dequantized, never re-quantized)."""
+    plain = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    plain.weight.data.copy_(weight)
+    if bias is not None:
+        plain.bias.data.copy_(bias)
+    return plain
 
 
 class ModulesToSave(nn.Module):

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.adapter_layer import plain_linear
 from slimtune.quant.linear4bit import Linear4bit
 
 _TRIPLET = ("lora_A", "lora_B", "lora_E")
@@ -190,12 +191,7 @@ class AdaLoraLayer(nn.Module):
             weight = base.dequantize().float()
             for name in self.active:
                 weight = weight + self.adapters[name].delta_weight().float()
-            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                              device=weight.device, dtype=base.compute_dtype)
-            plain.weight.data.copy_(weight)
-            if base.bias is not None:
-                plain.bias.data.copy_(base.bias)
-            return plain
+            return plain_linear(weight, base.bias, base.compute_dtype)
         if merge:
             self.merge([n for n in self.active if n not in self.merged])
         return base

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.adapter_layer import plain_linear
 from slimtune.quant.linear4bit import Linear4bit
 
 
@@ -121,12 +122,7 @@ class IA3Layer(nn.Module):
             weight = weight * adapter.ia3_l.float()
             if not adapter.feedforward and bias is not None:
                 bias = bias * adapter.ia3_l.float().view(-1)
-        plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device=weight.device,
-                          dtype=base.compute_dtype)
-        plain.weight.data.copy_(weight)
-        if bias is not None:
-            plain.bias.data.copy_(bias)
-        return plain
+        return plain_linear(weight, bias, base.compute_dtype)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

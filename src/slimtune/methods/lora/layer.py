@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.adapter_layer import plain_linear
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
 
 
@@ -100,12 +101,7 @@ class LoraLayer(nn.Module):
             for name in self.active:
                 delta, _ = self.adapters[name].delta_weight(weight)
                 weight = weight + delta
-            plain = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                              device=weight.device, dtype=base.compute_dtype)
-            plain.weight.data.copy_(weight)
-            if base.bias is not None:
-                plain.bias.data.copy_(base.bias)
-            return plain
+            return plain_linear(weight, base.bias, base.compute_dtype)
         if merge:
             self.merge([n for n in self.active if n not in self.merged])
         return base

@@ -26,7 +26,7 @@ from slimtune.train.checkpoint import Checkpointable, latest_checkpoint, load_ch
 from slimtune.train.config import TrainConfig
 from slimtune.train.device import autocast_dtype, model_device
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
-from slimtune.train.loss import count_loss_tokens, loss_positions, token_loss
+from slimtune.train.loss import count_loss_tokens, hidden_token_loss, loss_head, loss_positions, token_loss
 from slimtune.train.methods import trainable_parameters
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
@@ -247,12 +247,31 @@ def evaluation_loss(model: nn.Module, rows: Sequence[Row], collate: Callable[[li
 
 def forward_loss(model: nn.Module, batch: Batch, device: torch.device,
                  logits_to_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, loss tokens) of one batch; logits only at loss positions if supported."""
+    """(sum of token losses, loss tokens) of one batch; logits only at loss positions if supported,
+    none at all where the loss comes from hidden states (loss.loss_head)."""
     inputs: dict[str, Any] = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
     positions = loss_positions(batch["labels"]) if logits_to_keep else None
+    head = loss_head(model) if positions is not None else None
+    if head is not None:
+        return _hidden_forward_loss(model, head, inputs, batch["labels"], positions.to(device))
     if positions is not None:
         inputs["logits_to_keep"] = positions.to(device)
     return token_loss(model(**inputs, use_cache=False).logits, batch["labels"], positions)
+
+
+def _hidden_forward_loss(model: nn.Module, head: tuple[nn.Module, nn.Linear], inputs: dict[str, Any],
+                         labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own forward with no logits kept; the backbone's output goes to hidden_token_loss."""
+    backbone, lm_head = head
+    seen: list[torch.Tensor] = []
+    handle = backbone.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+    try:
+        model(**inputs, logits_to_keep=positions[:0], use_cache=False)  # (B, 0, V) logits
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise RuntimeError(f"the backbone {type(backbone).__name__} ran {len(seen)} times in one forward")
+    return hidden_token_loss(seen[0], lm_head.weight, labels, positions)
 
 
 def supports_logits_to_keep(model: nn.Module) -> bool:

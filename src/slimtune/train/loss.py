@@ -4,12 +4,14 @@
 label. The loop divides every micro-batch's sum by the loss tokens of the whole accumulated step, so
 grad_accum=4 x batch 1 gives the same gradient as one batch of 4 whatever the sequence lengths — the
 model's own mean loss (per micro-batch) would weight short sequences' tokens more.
+`hidden_token_loss` is the same sum from hidden states, without the logits (Note: the loss from hidden states).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (prompt, padding, packing boundaries)."""
@@ -48,3 +50,57 @@ def loss_positions(labels: torch.Tensor) -> torch.Tensor:
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Positions of `labels` (B, T), unshifted, that contribute to the loss."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+# Note: the loss from hidden states
+# With the fast path on (kernels/dispatch.py: auto on CUDA, on everywhere), a causal LM whose forward is
+# `logits = lm_head(hidden[:, logits_to_keep])` with a plain bias-free nn.Linear head gets its loss from
+# the backbone's last hidden state and the head weight through the chunked linear cross-entropy
+# (kernels/cross_entropy.py): the (B, K, V) logits and their fp32 copy never exist, only `chunk` rows at
+# a time. The model still runs its own forward (so DDP, hooks and PEFT wrappers see a normal call), with
+# logits_to_keep = no position; a forward hook on the backbone hands over its output. The sum and the
+# count are the ones token_loss computes from the logits, so the accumulation normalisation is unchanged.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "phi3",
+                               "olmo", "olmo2", "smollm3", "starcoder2", "gpt2", "bloom"})
+"""model_type values whose logits are exactly lm_head(hidden) (no soft-capping or logit scale)."""
+
+
+def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(backbone, lm_head) when the loss can come from hidden states (see Note: the loss from hidden states).
+
+    None for prompt-learning methods (virtual tokens shift positions), heads that are adapted, biased or
+    sharded (FSDP2 DTensor), models outside PLAIN_HEAD_MODELS, and whenever the fast path is off.
+    """
+    model = getattr(model, "module", model)  # DistributedDataParallel
+    configs = getattr(model, "peft_config", None) or {}
+    if any(getattr(c, "num_virtual_tokens", None) for c in configs.values()):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if type(head) is not nn.Linear or head.bias is not None or not isinstance(backbone, nn.Module):
+        return None
+    if type(head.weight.data) is not torch.Tensor:  # a DTensor shard (FSDP2) is not the whole head
+        return None
+    from slimtune.kernels.dispatch import use_fused
+
+    return (backbone, head) if use_fused(head.weight) else None
+
+
+def hidden_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_loss(lm_head(hidden[:, positions]), labels, positions) without the logits.
+
+    hidden: (B, T, C) backbone output (after the final norm); weight: (V, C) head weight; positions: (K,)
+    from loss_positions. Under autocast both run in the autocast dtype, as the head's F.linear would.
+    """
+    from slimtune.kernels.cross_entropy import chunked_linear_cross_entropy
+
+    positions = positions.to(hidden.device)
+    h = hidden[:, positions].reshape(-1, hidden.size(-1))  # (B*K, C)
+    targets = labels.to(hidden.device)[:, positions + 1].reshape(-1)  # (B*K,)
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else weight.dtype
+    return chunked_linear_cross_entropy(h.to(dtype), weight.to(dtype), targets, IGNORE_INDEX)

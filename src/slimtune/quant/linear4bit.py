@@ -9,6 +9,17 @@ interchangeable with transformers + bitsandbytes.
 
 LoRA wraps this module as its base layer and reads `in_features`, `out_features`, `compute_dtype`,
 `bias` and `dequantize()`.
+
+# Note: quant storage
+FSDP2 (`fully_shard`) turns every parameter into a sharded DTensor Parameter and, on torch 2.11,
+refuses integer ones ("only Tensors of floating point dtype can require gradients"). As bitsandbytes'
+`quant_storage` does, the packed bytes can live in a floating dtype instead: `set_quant_storage(bf16)`
+re-views the (n, 1) uint8 codes as (ceil(n / 2), 1) bf16 elements (zero bytes pad the last one), the
+same memory. FSDP2 shards and all-gathers them as bytes (copies only, never arithmetic), and
+`packed_weight()` views them back as the (n, 1) uint8 codes where the layer dequantizes. Nothing may
+cast them: `_apply` takes them out of `.half()` / `.to(dtype)`, fully_shard_model passes no
+mixed-precision param dtype, and the state_dict still holds bitsandbytes' uint8 layout. The default
+storage is uint8 (every single-device path); train/distributed.py sets the float one before sharding.
 """
 
 from __future__ import annotations
@@ -95,6 +106,7 @@ class Linear4bit(nn.Module):
                 f"bias shape {tuple(bias.shape)} does not match out_features {self.out_features}"
             )
         self.weight = nn.Parameter(packed, requires_grad=False)
+        self.packed_bytes = packed.numel()  # n of the (n, 1) codes, whatever dtype stores them
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.quant_state = state
         self.compute_dtype = compute_dtype
@@ -117,7 +129,7 @@ class Linear4bit(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The full weight (out_features, in_features) in the compute dtype (for merges and exports)."""
-        return dequantize_4bit(self.weight, self.quant_state).to(self.compute_dtype)
+        return dequantize_4bit(self.packed_weight(), self.quant_state).to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype."""
@@ -128,9 +140,9 @@ class Linear4bit(nn.Module):
             # Inference on CUDA: Triton dequantization into the shared buffer, no autograd bookkeeping.
             from slimtune.kernels.lora_linear import base_matmul
 
-            out = base_matmul(x.reshape(-1, self.in_features), self.weight, self.quant_state, bias)
+            out = base_matmul(x.reshape(-1, self.in_features), self.packed_weight(), self.quant_state, bias)
             return out.reshape(*x.shape[:-1], self.out_features).to(input_dtype)
-        return _Linear4bitMatmul.apply(x, self.weight, self.quant_state, bias).to(input_dtype)
+        return _Linear4bitMatmul.apply(x, self.packed_weight(), self.quant_state, bias).to(input_dtype)
 
     def extra_repr(self) -> str:
         s = self.quant_state
@@ -140,10 +152,37 @@ class Linear4bit(nn.Module):
             f"compute_dtype={self.compute_dtype}"
         )
 
+    # --- storage of the packed bytes (Note: quant storage) ---
+
+    def set_quant_storage(self, dtype: torch.dtype) -> None:
+        """Hold the packed codes in a `dtype` Parameter (same bytes; torch.uint8 gives the (n, 1) codes back)."""
+        if dtype != torch.uint8 and not dtype.is_floating_point:
+            raise TypeError(f"Linear4bit quant storage {dtype} is not supported; allowed: torch.uint8 or a float dtype")
+        if _is_sharded(self.weight):
+            raise RuntimeError("Linear4bit.set_quant_storage: the weight is already sharded; set it before fully_shard")
+        codes = self.packed_weight().reshape(-1)
+        if dtype != torch.uint8:
+            size = torch.empty((), dtype=dtype).element_size()
+            padded = codes.new_zeros(-(-codes.numel() // size) * size)
+            padded[: codes.numel()] = codes
+            codes = padded.view(dtype)
+        self.weight = nn.Parameter(codes.reshape(-1, 1), requires_grad=False)
+
+    def packed_weight(self) -> torch.Tensor:
+        """The (n, 1) uint8 codes, a view of the weight whatever dtype stores them (no copy)."""
+        if self.weight.dtype == torch.uint8:
+            return self.weight
+        return self.weight.reshape(-1).view(torch.uint8)[: self.packed_bytes].reshape(-1, 1)
+
     # --- device moves and serialization (nn.Module extension points) ---
 
     def _apply(self, fn: Any, recurse: bool = True) -> Linear4bit:
+        storage = self.weight.dtype
+        if storage != torch.uint8 and not _is_sharded(self.weight):
+            self.set_quant_storage(torch.uint8)  # a dtype cast must not touch the bytes (Note: quant storage)
         super()._apply(fn, recurse)
+        if self.weight.dtype != storage:
+            self.set_quant_storage(storage)
         # The quant state follows the module's device but keeps its dtypes (absmax stays fp32 even
         # under model.half()); the device is read off a probe moved by `fn`.
         device = fn(torch.empty(0, device=self.quant_state.absmax.device)).device
@@ -153,6 +192,8 @@ class Linear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dtype != torch.uint8 and not _is_sharded(self.weight):
+            destination[f"{prefix}weight"] = self.packed_weight().detach()  # bitsandbytes' uint8 layout
         for key, value in self.quant_state.as_dict(prefix=f"{prefix}weight.").items():
             destination[key] = value if keep_vars else value.detach()
 
@@ -172,8 +213,20 @@ class Linear4bit(nn.Module):
             self.quant_state = QuantState.from_dict(
                 quant_keys, prefix=state_prefix, device=self.weight.device
             )
+        storage = self.weight.dtype
+        if storage != torch.uint8 and not _is_sharded(self.weight):
+            self.set_quant_storage(torch.uint8)  # the file holds uint8 codes (Note: quant storage)
         # The quant-state keys are consumed here; the base class must not report them as unexpected.
         rest = {k: v for k, v in state_dict.items() if k not in quant_keys}
         super()._load_from_state_dict(
             rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if self.weight.dtype == torch.uint8:
+            self.packed_bytes = self.weight.numel()
+        if storage != self.weight.dtype:
+            self.set_quant_storage(storage)
+
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 shard): its bytes are only viewed back, inside forward, once all-gathered."""
+    return hasattr(t, "device_mesh")

@@ -10,8 +10,15 @@ Why it is faster and leaner than the plain layer (peft's structure):
   * a 4-bit weight is dequantized by Triton into the shared buffer (kernels/dispatch.py) in forward
     and again in backward; nothing of size (out, in) is saved;
   * saved for backward: x (which the caller keeps anyway), x A^T (N, r), and the frozen weights.
-Used by LoraLayer on CUDA when it applies (one active adapter, no dropout, no DoRA, no autocast,
-nn.Linear or Linear4bit base); everything else takes the plain path.
+Used by LoraLayer on CUDA when it applies (one active adapter, no dropout, no DoRA, nn.Linear or
+Linear4bit base); everything else takes the plain path. Under autocast it behaves like an op declared
+with torch.amp.custom_fwd(cast_inputs=<the autocast dtype>) (Note: the fused op under autocast).
+
+# Note: the fused op under autocast
+The loop trains under bf16 autocast, where the plain layer's F.linear and LoRA matmuls each run in bf16
+with the fp32 adapter weights cast per call. lora_linear does the same in one op: x is cast to the
+autocast dtype, the op runs with autocast off (forward and backward), and A, B are cast inside; the
+fp32 adapters receive the bf16 products' gradients cast to fp32, as autocast's cast would give them.
 """
 
 from __future__ import annotations
@@ -74,6 +81,11 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
+        with torch.autocast(grad_y.device.type, enabled=False):  # see Note: the fused op under autocast
+            return _LoraLinear._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Any, ...]:
         x2, weight, xa, lora_a, lora_b = ctx.saved_tensors
         s = ctx.scaling
         dtype = x2.dtype
@@ -97,7 +109,8 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                 scaling: float, bias: torch.Tensor | None = None,
                 state: QuantState | None = None) -> torch.Tensor:
-    """x (..., in) -> x W^T + b + scaling * (x A^T) B^T (..., out), in x's dtype.
+    """x (..., in) -> x W^T + b + scaling * (x A^T) B^T (..., out), in x's dtype (the autocast dtype
+    under autocast: Note: the fused op under autocast).
 
     Args:
         weight: frozen (out, in) weight in x's dtype, or the packed 4-bit codes when `state` is given.
@@ -106,7 +119,12 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
     """
     if weight.requires_grad:
         raise ValueError("lora_linear: the base weight must be frozen (requires_grad=False)")
-    return _LoraLinear.apply(x, weight, state, bias, lora_a, lora_b, float(scaling))
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _LoraLinear.apply(x, weight, state, bias, lora_a, lora_b, float(scaling))
+    x = x.to(torch.get_autocast_dtype(device_type))
+    with torch.autocast(device_type, enabled=False):
+        return _LoraLinear.apply(x, weight, state, bias, lora_a, lora_b, float(scaling))
 
 
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,

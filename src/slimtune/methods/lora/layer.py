@@ -134,21 +134,24 @@ class LoraLayer(nn.Module):
 
     # ---- fast path (kernels/lora_linear.py) -----------------------------------------------------
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """One plain LoRA adapter (no dropout, no DoRA) on a frozen Linear/Linear4bit, x in its dtype."""
+        """One plain LoRA adapter (no dropout, no DoRA) on a frozen Linear/Linear4bit computing in x's dtype,
+        or in the autocast dtype (kernels/lora_linear.py, Note: the fused op under autocast)."""
         if self.disabled or self.merged or self.is_embedding or self.fan_in_fan_out or len(self.active) != 1:
             return False
         from slimtune.kernels.dispatch import use_fused
 
-        if not use_fused(x) or torch.is_autocast_enabled(x.device.type):
+        if not use_fused(x):
             return False
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         adapter = self.adapters[self.active[0]]
         if adapter.lora_magnitude_vector is not None or (
                 not isinstance(adapter.lora_dropout, nn.Identity) and adapter.lora_dropout.training):
             return False
         base = self.base_layer
         if _is_4bit(base):
-            return x.dtype == base.compute_dtype
-        return type(base) is nn.Linear and not base.weight.requires_grad and x.dtype == base.weight.dtype
+            return dtype == base.compute_dtype
+        return type(base) is nn.Linear and not base.weight.requires_grad and (autocast or dtype == base.weight.dtype)
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         from slimtune.kernels.lora_linear import lora_linear
@@ -156,8 +159,9 @@ class LoraLayer(nn.Module):
         adapter, base = self.adapters[self.active[0]], self.base_layer
         state = base.quant_state if _is_4bit(base) else None
         bias = None if base.bias is None else base.bias.to(x.dtype)
-        return lora_linear(x, base.weight, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling,
-                           bias, state)
+        out = lora_linear(x, base.weight, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling,
+                          bias, state)
+        return out.to(x.dtype) if state is not None else out  # Linear4bit answers in x's dtype, nn.Linear in autocast's
 
     def __getattr__(self, name: str) -> Any:
         try:

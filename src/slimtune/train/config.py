@@ -51,6 +51,9 @@ class TrainConfig:
     """fp32, bf16 (autocast), fp16 (autocast + loss scaling), or auto: bf16 on a bf16 GPU, else fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (non-reentrant) to save memory at ~30% more compute."""
+    offload_checkpoints: bool = False
+    """With gradient_checkpointing: keep each layer's saved input in pinned CPU memory until backward
+    (long contexts: frees seq x hidden x 2 bytes per layer on the GPU, for one host copy each way)."""
     eval_every: int | None = None
     """Evaluate (loss, perplexity) every this many steps; null evaluates only at the end."""
     early_stopping_patience: int | None = None
@@ -86,6 +89,9 @@ class TrainConfig:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"train.adam_betas must be two numbers in [0, 1), got {list(self.adam_betas)}")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ValueError("train.offload_checkpoints needs train.gradient_checkpointing: true (it offloads the "
+                             "checkpointed layers' inputs; without checkpointing it would copy every activation)")
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("train.early_stopping_patience needs train.eval_every (how often to evaluate)")
 

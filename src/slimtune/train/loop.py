@@ -28,6 +28,7 @@ from slimtune.train.device import autocast_dtype, model_device
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
 from slimtune.train.loss import count_loss_tokens, hidden_token_loss, loss_head, loss_positions, token_loss
 from slimtune.train.methods import trainable_parameters
+from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
 from slimtune.train.sampler import BatchPlan
@@ -145,7 +146,7 @@ class Trainer:
         n_loss_tokens = max(1, int(sum(count_loss_tokens(b["labels"]) for b in group)))
         total = torch.zeros((), device=self.device)
         for batch in group:
-            with self.autocast():
+            with self.autocast(), self.offload():
                 loss_sum, _ = forward_loss(self.model, batch, self.device, self.logits_to_keep)
                 loss = loss_sum / n_loss_tokens + self.regularization() / len(group)  # penalty once per step
             self.ckpt.scaler.scale(loss).backward()
@@ -176,6 +177,10 @@ class Trainer:
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def offload(self) -> Any:
+        """Saved tensors to pinned CPU memory when train.offload_checkpoints (see slimtune.train.offload)."""
+        return offload_saved_tensors() if self.cfg.offload_checkpoints else nullcontext()
 
     def diverged_message(self, loss: float) -> str:
         last = latest_checkpoint(self.checkpoint_dir)

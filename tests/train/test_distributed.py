@@ -2,7 +2,8 @@
 
 Each run is the real CLI (`python -m torch.distributed.run -m slimtune train`) on the tiny Llama:
 8 alpaca rows, batch 2 x accumulation 2, 4 steps (2 epochs), fp32, no dropout, constant lr so a run
-stopped at step 2 and resumed to step 4 sees the schedule of an uninterrupted one.
+stopped at step 2 and resumed to step 4 sees the schedule of an uninterrupted one. Runs are launched
+on first use (RECIPES), so `-k` selects the launches too.
 SLIMTUNE_DIST_TEST_DEVICE=cuda runs them on GPUs (nccl).
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -78,20 +81,47 @@ def test_gpus_flag_relaunches_under_torchrun() -> None:
                        "train", "a.yaml"]
 
 
+FSDP2 = {"distributed": "fsdp2"}
+QLORA_FSDP2 = {"method": "qlora", "distributed": "fsdp2"}
+# run name -> launches: (ranks, config changes, extra CLI args[, folder to copy the run from first])
+RECIPES: dict[str, list[tuple[Any, ...]]] = {
+    "one": [(1, {}, ())],
+    "two": [(2, {}, ())],
+    "half": [(2, {"max_steps": 2}, ()), (1, {}, ("--resume",))],  # 2 ranks stopped at step 2, then 1
+    "grow": [(1, {"max_steps": 2}, ()), (2, {}, ("--resume",))],
+    "fsdp": [(2, FSDP2, ())],
+    "q-one": [(1, {"method": "qlora"}, ())],
+    "q-fsdp": [(2, QLORA_FSDP2, ())],
+    "q-fsdp-half": [(2, {**QLORA_FSDP2, "max_steps": 2}, ())],
+    "q-fsdp-2to2": [(2, QLORA_FSDP2, ("--resume",), "q-fsdp-half")],
+    "q-fsdp-2to1": [(1, QLORA_FSDP2, ("--resume",), "q-fsdp-half")],
+}
+
+
+class Runs:
+    """The run folders of RECIPES under `root`, each trained once, on first use."""
+
+    def __init__(self, root: Path, model_dir: Path):
+        self.root, self.model_dir = root, model_dir
+
+    def __truediv__(self, name: str) -> Path:
+        run = self.root / name
+        if not run.exists():
+            for ranks, changes, extra, *source in RECIPES[name]:
+                if source:
+                    shutil.copytree(self / source[0], run)
+                train = {k: v for k, v in changes.items() if k != "method"}
+                config = write_config(self.root, self.model_dir, name, changes.get("method", "lora"), **train)
+                slimtune_train(config, ranks, *extra)
+        return run
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """one: 1 rank, 4 steps; two: 2 ranks; half: 2 ranks stopped at step 2, resumed on 1; grow: 1 -> 2."""
-    root = tmp_path_factory.mktemp("ddp")
-    slimtune_train(write_config(root, tiny_model_dir, "one"), 1)
-    slimtune_train(write_config(root, tiny_model_dir, "two"), 2)
-    slimtune_train(write_config(root, tiny_model_dir, "half", max_steps=2), 2)
-    slimtune_train(write_config(root, tiny_model_dir, "half"), 1, "--resume")
-    slimtune_train(write_config(root, tiny_model_dir, "grow", max_steps=2), 1)
-    slimtune_train(write_config(root, tiny_model_dir, "grow"), 2, "--resume")
-    return root
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Runs:
+    return Runs(tmp_path_factory.mktemp("ddp"), tiny_model_dir)
 
 
-def test_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path) -> None:
+def test_two_ranks_give_the_one_rank_losses_and_adapter(runs: Runs) -> None:
     one, two = read_metrics(runs / "one"), read_metrics(runs / "two")
     assert len(one["loss"]) == 4
     assert one["loss"] == pytest.approx(two["loss"], abs=1e-5)
@@ -99,7 +129,7 @@ def test_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path) -> None:
     assert_same_adapter(adapter(runs / "one"), adapter(runs / "two"))
 
 
-def test_two_rank_adapter_is_complete_and_loads(runs: Path, tiny_model_dir: Path) -> None:
+def test_two_rank_adapter_is_complete_and_loads(runs: Runs, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from slimtune import PeftModel
@@ -113,27 +143,46 @@ def test_two_rank_adapter_is_complete_and_loads(runs: Path, tiny_model_dir: Path
     assert len(loaded) == len(saved)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(runs: Path) -> None:
+def test_two_rank_checkpoint_resumes_on_one_rank(runs: Runs) -> None:
     assert (runs / "half" / "checkpoints" / "step-2").is_dir()
     assert read_metrics(runs / "half")["loss"] == pytest.approx(read_metrics(runs / "one")["loss"], abs=1e-5)
     assert_same_adapter(adapter(runs / "one"), adapter(runs / "half"))
 
 
-def test_one_rank_checkpoint_resumes_on_two_ranks(runs: Path) -> None:
+def test_one_rank_checkpoint_resumes_on_two_ranks(runs: Runs) -> None:
     assert read_metrics(runs / "grow")["loss"] == pytest.approx(read_metrics(runs / "one")["loss"], abs=1e-5)
     assert_same_adapter(adapter(runs / "one"), adapter(runs / "grow"))
 
 
-def test_fsdp2_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path, tiny_model_dir: Path) -> None:
-    slimtune_train(write_config(runs, tiny_model_dir, "fsdp", distributed="fsdp2"), 2)
+def test_fsdp2_two_ranks_give_the_one_rank_losses_and_adapter(runs: Runs) -> None:
     assert read_metrics(runs / "fsdp")["loss"] == pytest.approx(read_metrics(runs / "one")["loss"], abs=1e-5)
     assert_same_adapter(adapter(runs / "one"), adapter(runs / "fsdp"))
 
 
-def test_fsdp2_qlora_two_ranks_give_the_one_rank_losses_and_adapter(runs: Path, tiny_model_dir: Path) -> None:
-    """NF4 weights are uint8 parameters: sharded by fully_shard (torch >= 2.13) or replicated (older)."""
-    slimtune_train(write_config(runs, tiny_model_dir, "q-one", method="qlora"), 1)
-    slimtune_train(write_config(runs, tiny_model_dir, "q-fsdp", method="qlora", distributed="fsdp2"), 2)
+def test_fsdp2_qlora_two_ranks_give_the_one_rank_losses_and_adapter(runs: Runs) -> None:
+    """The NF4 codes are sharded in a float storage (Note: quant storage): any changed byte changes the loss."""
     one, two = read_metrics(runs / "q-one"), read_metrics(runs / "q-fsdp")
     assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
     assert_same_adapter(adapter(runs / "q-one"), adapter(runs / "q-fsdp"))
+
+
+def test_fsdp2_checkpoint_holds_complete_tensors(runs: Runs) -> None:
+    """Step 2 of a 2-rank FSDP2 QLoRA run: the keys, shapes and file set of a 1-rank checkpoint."""
+    sharded, single = runs / "q-fsdp-half" / "checkpoints" / "step-2", runs / "q-one" / "checkpoints" / "step-2"
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(p.name for p in single.iterdir())
+    a, b = (load_file(str(c / "trainable.safetensors")) for c in (sharded, single))
+    assert sorted(a) == sorted(b) and all(a[k].shape == b[k].shape and a[k].numel() > 0 for k in a)
+    moments = torch.load(sharded / "optimizer.pt", weights_only=True)["state"]
+    assert sorted(tuple(m["exp_avg"].shape) for m in moments.values()) == sorted(tuple(t.shape) for t in a.values())
+
+
+@pytest.mark.parametrize("name", ["q-fsdp-2to2", "q-fsdp-2to1"])
+def test_fsdp2_run_stopped_at_step_2_resumes_on_two_or_one_ranks(runs: Runs, name: str) -> None:
+    """Adapter, optimizer, scheduler, RNG and data position come back: the uninterrupted run's adapter (1e-6)."""
+    whole, resumed = read_metrics(runs / "q-fsdp"), read_metrics(runs / name)
+    assert len(resumed["loss"]) == 4
+    assert resumed["loss"] == pytest.approx(whole["loss"], abs=1e-6)
+    a, b = adapter(runs / "q-fsdp"), adapter(runs / name)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)

@@ -8,10 +8,13 @@ after the new one is in place, so a crash at any moment leaves the last good che
 
 Layout of one checkpoint:
   trainable.safetensors   every trainable parameter, exact (what resume loads)
+  method_state.safetensors  a PEFT method's state outside its parameters, if any (AdaLoRA's rank allocator)
   adapter/                the adapter in PEFT format (save_pretrained), for PEFT methods
   optimizer.pt scheduler.pt scaler.pt rng.pt   state dicts (tensors and primitives only)
   trainer_state.json      step, data position, shuffling seed, early stopping, metrics so far
   manifest.json           step, file list; written last
+Every tensor is complete, also from a sharded (FSDP2) run, which gathers them first and lays them out as
+its shards again on load (`Checkpointable.shard`): one checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from slimtune.train.methods import trainable_parameters
+from slimtune.train.methods import load_method_state, method_state, trainable_parameters
 from slimtune.train.rng import rng_state, set_rng_state
 from slimtune.train.state import TrainState
 
 MANIFEST = "manifest.json"
+METHOD_STATE = "method_state.safetensors"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
@@ -53,10 +57,16 @@ class Checkpointable:
     scaler: torch.amp.GradScaler
     save_adapter: bool
     """Also write the adapter with save_pretrained (PEFT methods)."""
+    shard: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    """shard(complete saved tensor, live parameter) -> the tensor laid out like the parameter (FSDP2: this
+    rank's shard, see train/distributed.py); None: parameters are complete tensors."""
 
 
-def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: int) -> Path:
+def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: int,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Write checkpoint `root/step-{state.step}` atomically, then keep only the newest `keep`.
+
+    `optimizer_state` replaces `objs.optimizer.state_dict()` (FSDP2: the one with complete tensors).
 
     A failed write (full disk, ...) removes the partial folder; the disk being full is reported as
     OSError(ENOSPC) naming the last good checkpoint, whatever layer (torch, safetensors) noticed it.
@@ -68,7 +78,7 @@ def save_checkpoint(root: Path, objs: Checkpointable, state: TrainState, keep: i
     tmp = root / f".tmp-step-{state.step}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_checkpoint(tmp, objs, state)
+        _write_checkpoint(tmp, objs, state, optimizer_state)
     except (OSError, RuntimeError, SafetensorError) as err:
         failure = write_failure(err, tmp, f"checkpoint {final}", latest_checkpoint(root))
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,13 +102,16 @@ def write_failure(err: BaseException, folder: Path, what: str, last_good: Path |
                                  "Free some space, then continue with --resume")
 
 
-def _write_checkpoint(tmp: Path, objs: Checkpointable, state: TrainState) -> None:
+def _write_checkpoint(tmp: Path, objs: Checkpointable, state: TrainState,
+                      optimizer_state: dict[str, Any] | None) -> None:
     tmp.mkdir()
     tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(objs.model).items()}
     save_file(tensors, str(tmp / "trainable.safetensors"))
+    if extra := method_state(objs.model):
+        save_file(extra, str(tmp / METHOD_STATE))
     if objs.save_adapter:
         objs.model.save_pretrained(str(tmp / "adapter"))
-    torch.save(objs.optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(objs.optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     torch.save(objs.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(objs.scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -146,8 +159,11 @@ def load_checkpoint(path: Path, objs: Checkpointable) -> TrainState:
     if not is_complete(path):
         raise ValueError(f"checkpoint {path} is incomplete (no {MANIFEST})")
     device = next(objs.model.parameters()).device
-    _read(path / "trainable.safetensors", lambda f: _load_trainable(f, objs.model))
-    objs.optimizer.load_state_dict(_read(path / "optimizer.pt", lambda f: _load(f, device)))
+    _read(path / "trainable.safetensors", lambda f: _load_trainable(f, objs.model, objs.shard))
+    extra = path / METHOD_STATE
+    load_method_state(objs.model, _read(extra, lambda f: load_file(str(f))) if extra.is_file() else {})
+    optimizer_state = _read(path / "optimizer.pt", lambda f: _load(f, device))
+    objs.optimizer.load_state_dict(_shard_optimizer_state(optimizer_state, objs.optimizer, objs.shard))
     objs.scheduler.load_state_dict(_read(path / "scheduler.pt", lambda f: _load(f, "cpu")))
     objs.scaler.load_state_dict(_read(path / "scaler.pt", lambda f: _load(f, "cpu")))
     set_rng_state(_read(path / "rng.pt", lambda f: _load(f, "cpu")))
@@ -170,7 +186,7 @@ def _load(path: Path, device: Any) -> Any:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def _load_trainable(path: Path, model: nn.Module) -> None:
+def _load_trainable(path: Path, model: nn.Module, shard: Callable[..., torch.Tensor] | None) -> None:
     saved = load_file(str(path))
     params = trainable_parameters(model)
     if set(saved) != set(params):
@@ -184,7 +200,20 @@ def _load_trainable(path: Path, model: nn.Module) -> None:
             if saved[name].shape != p.shape:
                 raise ValueError(f"checkpoint {path.parent}: {name} has shape {tuple(saved[name].shape)}, "
                                  f"the model expects {tuple(p.shape)}")
-            p.copy_(saved[name])
+            p.copy_(saved[name] if shard is None else shard(saved[name], p))
+
+
+def _shard_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           shard: Callable[..., torch.Tensor] | None) -> dict[str, Any]:
+    """`saved` with each parameter-shaped state tensor (Adam moments) laid out like its parameter."""
+    if shard is None:
+        return saved
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state_dict's numbering
+    for i, entry in saved.get("state", {}).items():
+        for key, value in entry.items():
+            if isinstance(i, int) and i < len(params) and torch.is_tensor(value) and value.shape == params[i].shape:
+                entry[key] = shard(value, params[i])
+    return saved
 
 
 def _write_synced(path: Path, text: str) -> None:

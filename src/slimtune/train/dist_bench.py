@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         wrapped = DDP(model, device_ids=ids_, broadcast_buffers=False,
                       find_unused_parameters=False)
     elif world > 1:
-        fully_shard_model_root(model, False if args.replicate_quantized else None)
+        fully_shard_model(model.peft_model, root=model)
     build_s = time.perf_counter() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     vocab = model.peft_model.get_base_model().config.vocab_size
@@ -101,11 +101,6 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "peak_gib_per_gpu": [round(p, 2) for p in peaks], "build_s": round(build_s, 1), "loss": round(loss, 4)}
 
 
-def fully_shard_model_root(model: LossModel, shard_quantized: bool | None = None) -> None:
-    """FSDP2 on every decoder block, then on the LossModel (the module whose forward runs)."""
-    fully_shard_model(model.peft_model, root=model, shard_quantized=shard_quantized)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="8b")
@@ -117,7 +112,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--out", default=None)
-    p.add_argument("--replicate-quantized", action="store_true", help="fsdp2: keep NF4 weights out of the shards")
     args = p.parse_args(argv)
     row = run(args)
     if int(os.environ.get("RANK", "0")) == 0:

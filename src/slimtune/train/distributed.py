@@ -13,6 +13,13 @@ shard of a (short, last) micro-batch is empty runs a row with loss weight 0 so e
 gradient reduction. The loss is token-weighted across ranks: the loss-token count of the step is
 all-reduced, each rank backpropagates (its token-loss sum) x world / (global loss tokens), and the
 gradient average of DDP/FSDP2 then equals the single-process gradient of the same global batch.
+
+# Note: FSDP2 checkpoints
+A checkpoint holds complete tensors in the single-process layout (train/checkpoint.py), whatever the
+strategy: under FSDP2 every rank gathers the trainable parameters and the optimizer moments
+(`full_tensor()`, collectives), rank 0 writes them, and on resume each rank keeps its own shard of
+them (`shard_like`). The trainable part is small (adapters), so gathering it costs little; the frozen
+base is never written. The same checkpoint resumes on 1 process, DDP or FSDP2 on any number of ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slimtune.train.checkpoint import latest_checkpoint
+from slimtune.train.checkpoint import latest_checkpoint, save_checkpoint
 from slimtune.train.loop import Batch, Trainer, forward_loss
 from slimtune.train.loss import count_loss_tokens
 from slimtune.train.methods import trainable_parameters
@@ -82,22 +89,17 @@ def shard_rows(idx: list[int], rank_: int, world: int) -> tuple[list[int], float
     return (mine, 1.0) if mine else (idx[:1], 0.0)
 
 
-def quantized_weights_shardable() -> bool:
-    """Whether fully_shard takes uint8 (NF4-packed) parameters: torch >= 2.13 (2.11 raises, see docs)."""
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= (2, 13)
-
-
-def fully_shard_model(model: nn.Module, root: nn.Module | None = None,
-                      shard_quantized: bool | None = None) -> nn.Module:
+def fully_shard_model(model: nn.Module, root: nn.Module | None = None) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; parameters become DTensors).
 
-    Every parameter is sharded along dim 0, the frozen base too (4-bit packed weights are uint8
-    parameters, all-gathered per block like the rest); buffers and Linear4bit's quant_state
-    (absmax, codebook: small) are replicated on every rank. `root` (default `model`) is the module
-    whose forward is called: it holds the rest (embedding, final norm, lm_head). Where fully_shard
-    rejects integer parameters (torch < 2.13; `shard_quantized` False), the packed 4-bit weights are
-    `ignored_params` instead: replicated on every rank, the rest sharded.
+    Every parameter is sharded along dim 0, the frozen 4-bit base too: each Linear4bit first holds its
+    packed codes in a float storage of its compute dtype (Note: quant storage, quant/linear4bit.py),
+    which fully_shard accepts on every torch (2.11 refuses uint8 parameters) and all-gathers as bytes.
+    No MixedPrecisionPolicy is passed: a param dtype would cast those bytes. Buffers and
+    Linear4bit.quant_state (absmax, nested absmax, codebooks) are not parameters and stay replicated:
+    1/64 byte per weight with double quantization (about 1.1 GB for a 70B model), 1/16 without.
+    `root` (default `model`) is the module whose forward is called: it holds the rest (embedding,
+    final norm, lm_head).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -107,12 +109,26 @@ def fully_shard_model(model: nn.Module, root: nn.Module | None = None,
     if not blocks:
         raise ValueError(f"fsdp2: no transformer block found in {type(base).__name__} (_no_split_modules is "
                          f"{sorted(block_names)}); use train.distributed ddp")
-    shard_quantized = quantized_weights_shardable() if shard_quantized is None else shard_quantized
-    ignored = None if shard_quantized else {p for p in model.parameters() if not p.is_floating_point()}
+    for module in model.modules():
+        if callable(getattr(module, "set_quant_storage", None)) and module.weight.dtype == torch.uint8:
+            module.set_quant_storage(module.compute_dtype)
     for block in blocks:
-        fully_shard(block, ignored_params=ignored)
-    fully_shard(root if root is not None else model, ignored_params=ignored)
+        fully_shard(block)
+    fully_shard(root if root is not None else model)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Every FSDP2 module back to its sharded parameters, on all ranks alike.
+
+    After a no-grad forward (evaluation) the root stays unsharded; reading a state_dict reshards it, so
+    doing that on rank 0 alone (the writer) would leave the ranks' next all-gathers out of step.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -120,9 +136,29 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return full() if callable(full) else t
 
 
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` (a complete saved tensor) laid out like `param`: this rank's shard of it if param is a DTensor."""
+    mesh = getattr(param, "device_mesh", None)
+    if mesh is None:
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # src_data_rank=None: every rank read the same file, so each slices its own shard (no communication)
+    return distribute_tensor(full.to(param.device), mesh, param.placements, src_data_rank=None)
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with every sharded state tensor gathered whole, on CPU; called on all ranks."""
+    saved = optimizer.state_dict()
+    state = {i: {k: _full(v).cpu() if torch.is_tensor(v) else v for k, v in entry.items()}
+             for i, entry in saved["state"].items()}
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
 @contextmanager
 def gathered_trainables(model: nn.Module) -> Iterator[None]:
     """Within: every trainable (possibly sharded) parameter is its complete tensor; called on all ranks."""
+    reshard(model)
     params = trainable_parameters(model)
     if not any(hasattr(p, "full_tensor") for p in params.values()):
         yield
@@ -158,6 +194,8 @@ class DistributedTrainer(Trainer):
         if strategy == "fsdp2":
             fully_shard_model(model)  # before the optimizer is built on the (now DTensor) parameters
         super().__init__(model, *args, **kwargs)
+        if strategy == "fsdp2":
+            self.ckpt.shard = shard_like  # Note: FSDP2 checkpoints
         self.wrapped: nn.Module = model
         if strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -217,11 +255,15 @@ class DistributedTrainer(Trainer):
         return super().open_log() if self.rank == 0 else _NullLog()
 
     def save(self) -> Path:
-        """Rank 0 writes the checkpoint (DDP replicas are identical); all ranks wait for it."""
-        if self.strategy == "fsdp2":
-            return self.checkpoint_dir  # resumable FSDP2 checkpoints: not yet (docs/distributed.md)
+        """Rank 0 writes the checkpoint (DDP replicas are identical; FSDP2 shards gathered first); all wait."""
         barrier()
-        path = super().save() if self.rank == 0 else None
+        if self.strategy == "fsdp2":  # Note: FSDP2 checkpoints
+            with gathered_trainables(self.model):
+                optimizer_state = full_optimizer_state(self.ckpt.optimizer)
+                path = save_checkpoint(self.checkpoint_dir, self.ckpt, self.state, self.cfg.keep_checkpoints,
+                                       optimizer_state) if self.rank == 0 else None
+        else:
+            path = super().save() if self.rank == 0 else None
         barrier()
         return path or latest_checkpoint(self.checkpoint_dir) or self.checkpoint_dir
 

@@ -12,7 +12,9 @@ PeftModel.state_dict() returns the active adapter in PEFT's key format and load_
 it. The full model's tensors stay reachable through `model.get_base_model().state_dict()`.
 One exception: a *trainable* prompt-learning adapter's file holds only its encoder's output
 (`prompt_embeddings`), not the encoder (P-tuning's MLP, prefix tuning's projection), so for exact resume
-state_dict() holds the encoder's own tensors under `prompt_encoder.<name>` keys instead.
+state_dict() holds the encoder's own tensors under `prompt_encoder.<name>` keys instead. state_dict() also keeps
+the training shapes (save_pretrained applies the method's `to_file`, e.g. AdaLoRA's pruning) and carries the
+method's run state (`method_state.` keys, e.g. AdaLoRA's rank allocator), so that resume is exact.
 
 # Note: prompt-learning adapters
 Prompt tuning, prefix tuning and P-tuning put nothing inside the base model: each adapter is an encoder in
@@ -41,6 +43,7 @@ from slimtune.targeting import find_targets
 
 CLASSIFIER_NAMES = ("classifier", "score")
 _PREFIX = "base_model.model."
+_RUN_STATE = "method_state."  # state_dict() keys of the run state (see Note: state_dict() is the adapter)
 
 
 class AdaptedModel(nn.Module):
@@ -368,7 +371,8 @@ class PeftModel(nn.Module):
             if name not in self.peft_config:
                 raise ValueError(f"adapter {name!r} not found; adapters: {sorted(self.peft_config)}")
             directory = root if name == "default" else root / name
-            adapter_io.write_weights(self.adapter_state_dict(name), directory)
+            tensors, to_file = self.adapter_state_dict(name), self._spec(name).to_file
+            adapter_io.write_weights(to_file(tensors, self.peft_config[name], name) if to_file else tensors, directory)
             config = dataclasses.replace(self.peft_config[name], inference_mode=True)
             config.save_pretrained(directory)
 
@@ -411,13 +415,31 @@ class PeftModel(nn.Module):
     def state_dict(self, *args: Any, destination: dict | None = None, prefix: str = "",
                    keep_vars: bool = False) -> dict[str, Any]:
         out = destination if destination is not None else {}
-        for key, tensor in self._checkpoint_state().items():
+        run_state = {_RUN_STATE + k: v for k, v in self.method_state().items()}
+        for key, tensor in {**self._checkpoint_state(), **run_state}.items():
             out[prefix + key] = tensor if keep_vars else tensor.detach()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        self._assign(dict(state_dict), self._checkpoint_state(), source="state_dict")
+        tensors = dict(state_dict)
+        run_state = {k.removeprefix(_RUN_STATE): tensors.pop(k) for k in list(tensors) if k.startswith(_RUN_STATE)}
+        self._assign(tensors, self._checkpoint_state(), source="state_dict")
+        self.load_method_state(run_state)
         return nn.modules.module._IncompatibleKeys([], [])
+
+    def method_state(self) -> dict[str, torch.Tensor]:
+        """The active method's training state outside its parameters (AdaLoRA's rank allocator), for checkpoints."""
+        hooks, name = self._spec(self.active_adapter).run_state, self.active_adapter
+        return hooks.get(self.get_base_model(), self.peft_config[name], name) if hooks else {}
+
+    def load_method_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what method_state() returned (a method without run state accepts only {})."""
+        hooks, name = self._spec(self.active_adapter).run_state, self.active_adapter
+        if hooks is not None:
+            hooks.load(self.get_base_model(), self.peft_config[name], name, tensors)
+        elif tensors:
+            raise ValueError(f"{self.peft_config[name].peft_type.value} keeps no run state, but the checkpoint has "
+                             f"{', '.join(sorted(tensors)[:3])}; resume with the method it was trained with")
 
 
 def _refuse_trainable_prompt(config: PeftConfig, is_trainable: bool) -> None:

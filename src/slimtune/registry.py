@@ -45,6 +45,17 @@ class PromptHooks:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunStateHooks:
+    """A method's training state that lives outside its parameters: checkpoints carry it so resume is exact."""
+
+    get: Callable[[nn.Module, PeftConfig, str], dict[str, torch.Tensor]]
+    """get(model, config, adapter_name): the state as named tensors (never the parameters themselves)."""
+    load: Callable[[nn.Module, PeftConfig, str, dict[str, torch.Tensor]], None]
+    """load(model, config, adapter_name, tensors): restore what `get` returned; {} resets the state. Raises
+    ValueError naming a key that fits no adapter of the model or a tensor of the wrong shape."""
+
+
+@dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """How one adapter method plugs in."""
 
@@ -61,6 +72,11 @@ class MethodSpec:
     """A regularization term added to the model's loss in training (AdaLoRA's orthogonality penalty)."""
     prompt: PromptHooks | None = None
     """Set by prompt-learning methods (their `inject` only fills config fields from the model)."""
+    to_file: Callable[[dict[str, torch.Tensor], PeftConfig, str], dict[str, torch.Tensor]] | None = None
+    """to_file(tensors, config, adapter_name): the adapter file's tensors from the in-memory ones (PEFT file keys).
+    Applied by save_pretrained only; state_dict() keeps the training shapes (AdaLoRA writes only its kept triplets)."""
+    run_state: RunStateHooks | None = None
+    """State outside the parameters that an exact resume needs (AdaLoRA's allocator averages and masks)."""
 
 
 def get_method(peft_type: PeftType) -> MethodSpec:

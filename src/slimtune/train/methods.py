@@ -156,3 +156,16 @@ def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_chec
 def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """{name: parameter} of every trainable parameter (tied weights once)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def method_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of a PEFT method's training state outside its parameters (AdaLoRA's rank allocator); {} if none."""
+    get = getattr(model, "method_state", None)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get().items()} if callable(get) else {}
+
+
+def load_method_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Restore what method_state() saved ({}: none was saved); a model without such state ignores it."""
+    load = getattr(model, "load_method_state", None)
+    if callable(load):
+        load(tensors)

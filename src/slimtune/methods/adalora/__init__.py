@@ -17,9 +17,10 @@ from torch import nn
 
 from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocate
 from slimtune.methods.adalora.config import AdaLoraConfig
-from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter
+from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter, adapters_of
+from slimtune.methods.adalora.state import kept_triplets, load_run_state, run_state, to_file
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.registry import MethodSpec
+from slimtune.registry import MethodSpec, RunStateHooks
 from slimtune.targeting import default_targets, find_targets, is_linear_like
 
 if TYPE_CHECKING:
@@ -77,12 +78,6 @@ def _adapter_placement(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[t
     return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
 
 
-def _kept_triplets(config: AdaLoraConfig, adapter_name: str) -> dict[str, list[bool]]:
-    """rank_pattern keyed '<module>.lora_E' (peft's file form; its in-memory form also ends in '.<adapter>')."""
-    suffix = f".{adapter_name}"
-    return {(k[: -len(suffix)] if k.endswith(suffix) else k): v for k, v in (config.rank_pattern or {}).items()}
-
-
 def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
     """Wrap every target module in an AdaLoraLayer and add adapter `adapter_name` (pruned per rank_pattern)."""
     if config.target_modules is None:  # as peft: the saved config names the modules it adapted
@@ -90,7 +85,7 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
     names = find_targets(model, config.target_modules, exclude_modules=config.exclude_modules,
                          layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
                          skip=config.modules_to_save or ())
-    kept = _kept_triplets(config, adapter_name)
+    kept = kept_triplets(config, adapter_name)
     for name in names:
         layer = _wrap(model, name, config)
         in_features, out_features = layer.features()
@@ -102,12 +97,6 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
                              config.init_lora_weights, ranknum)
         device, dtype = _adapter_placement(layer.base_layer, autocast_adapter_dtype)
         layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
-
-
-def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:
-    """(module name, adapter) for every AdaLoraLayer holding `adapter_name`, in model order."""
-    return [(name, module.adapters[adapter_name]) for name, module in model.named_modules()
-            if isinstance(module, AdaLoraLayer) and adapter_name in module.adapters]
 
 
 def on_step(model: nn.Module, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:
@@ -144,4 +133,5 @@ def extra_trainable(model: nn.Module, config: AdaLoraConfig) -> Iterator[tuple[s
 
 
 METHOD = MethodSpec(config_cls=AdaLoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
-                    extra_trainable=extra_trainable, on_step=on_step, extra_loss=orthogonality_penalty)
+                    extra_trainable=extra_trainable, on_step=on_step, extra_loss=orthogonality_penalty,
+                    to_file=to_file, run_state=RunStateHooks(get=run_state, load=load_run_state))

@@ -9,8 +9,11 @@ base is merged only through `unloaded(merge=True)`, which returns a plain nn.Lin
 # Note: pruned tensors on disk
 peft saves an AdaLoRA adapter with only the kept triplets (rows of A and E, columns of B, as listed in
 rank_pattern) and rebuilds those shapes on load. In memory the shapes stay at init_r during training (the
-optimizer holds the full tensors); `SVDAdapter._save_to_state_dict` writes the pruned tensors once a mask
-exists, and an adapter built from a config with rank_pattern has the pruned shapes from the start.
+optimizer holds the full tensors), and so does state_dict(), which transformers.Trainer and slimtune's own
+checkpoints resume from; only save_pretrained writes the pruned tensors (`state.to_file`, as peft's
+resize_state_dict_by_rank_pattern). An adapter built from a config with rank_pattern has the pruned shapes
+from the start. The allocator's averages and masks travel in checkpoints too (`state.run_state`), so a
+run resumed mid-pruning prunes exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ _TRIPLET = ("lora_A", "lora_B", "lora_E")
 
 @dataclasses.dataclass
 class RankState:
-    """What the allocator keeps per adapter between steps (never saved: like peft, it restarts on reload)."""
+    """What the allocator keeps per adapter between steps; checkpoints carry the averages and the mask (state.py)."""
 
     avg_sensitivity: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     """EMA of |w * grad| per tensor name (lora_A, lora_B, lora_E)."""
@@ -102,16 +105,9 @@ class SVDAdapter(nn.Module):
             self.ranknum + 1e-5)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        """See Note: pruned tensors on disk."""
+        """The full init_r tensors (see Note: pruned tensors on disk), with a warning if the allocator never ran."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
         self._warn_if_allocator_never_ran()
-        mask = self.rank.mask
-        if mask is None or bool(mask.all()):
-            return
-        keep = mask.to(self.lora_A.device)
-        destination[prefix + "lora_A"] = self.lora_A.detach()[keep]
-        destination[prefix + "lora_E"] = self.lora_E.detach()[keep]
-        destination[prefix + "lora_B"] = self.lora_B.detach()[:, keep]
 
     def _warn_if_allocator_never_ran(self) -> None:
         state = self.rank
@@ -222,3 +218,9 @@ class AdaLoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:
+    """(module name, adapter) for every AdaLoraLayer holding `adapter_name`, in model order."""
+    return [(name, module.adapters[adapter_name]) for name, module in model.named_modules()
+            if isinstance(module, AdaLoraLayer) and adapter_name in module.adapters]

@@ -80,13 +80,13 @@ class _Counter:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-def test_patched_model_matches_unpatched(arch, monkeypatch):
-    plain, fused, swapped = _pair(arch)
+def test_patched_model_matches_unpatched(arch, monkeypatch, kernel_device):
+    plain, fused, swapped = _pair(arch, kernel_device)
     assert swapped == 2 * 4 + 1  # per layer: two norms, attention, MLP; plus the final norm
     names = {type(m).__name__ for m in fused.modules()}
     assert {"FusedRMSNorm", "FusedAttention", "FusedSwiGLU"} <= names
     assert plain.get_base_model().state_dict().keys() == fused.get_base_model().state_dict().keys()
-    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)).to(kernel_device)
     counter = _Counter(monkeypatch)
     want_logits, want = _logits_and_grads(plain, ids)
     assert counter.calls == {"rms_norm": 0, "apply_rope": 0, "swiglu": 0}

@@ -122,7 +122,7 @@ def layer_rows(tokens: int, layers: int) -> list[tuple[str, float, float, float]
         us = _time(fb)
         peak = torch.cuda.max_memory_allocated() / 2**20
         rows.append((f"{layers} layers {'fused' if fused else 'eager'} {kinds}", float("nan"), us, peak))
-        del model, inner
+        del model, inner, fb
         torch.cuda.empty_cache()
     os.environ.pop(ENV_FLAG, None)
     return rows

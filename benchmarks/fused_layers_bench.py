@@ -102,7 +102,8 @@ def layer_rows(tokens: int, layers: int) -> list[tuple[str, float, float, float]
         config = tf.LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
                                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, use_cache=False,
                                 max_position_embeddings=max(tokens, 64), attn_implementation="sdpa")
-        model = tf.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).requires_grad_(False)
+        with torch.device(DEVICE):  # random init on the card: seconds less than on the host
+            model = tf.LlamaForCausalLM(config).to(torch.bfloat16).requires_grad_(False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=[

@@ -12,6 +12,7 @@ seven projections and non-reentrant checkpointing, forward+backward with the fus
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -124,6 +125,7 @@ def layer_rows(tokens: int, layers: int) -> list[tuple[str, float, float, float]
         peak = torch.cuda.max_memory_allocated() / 2**20
         rows.append((f"{layers} layers {'fused' if fused else 'eager'} {kinds}", float("nan"), us, peak))
         del model, inner, fb
+        gc.collect()  # PeftModel <-> AdaptedModel is a reference cycle: freed by the collector only
         torch.cuda.empty_cache()
     os.environ.pop(ENV_FLAG, None)
     return rows

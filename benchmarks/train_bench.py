@@ -8,7 +8,8 @@ slimtune's side runs the fast path as users get it, including the fused RMSNorm/
 (kernels/llama_fused.py, swapped in by get_peft_model). --fused-layers off runs slimtune without just
 those (SLIMTUNE_FUSED_LAYERS=off; fused LoRA, Triton dequantization and chunked loss stay on); both
 adds a slimtune row without them ("st-nofuse") beside each workload, measured in the same process,
-and prints what they add. On a machine without CUDA the rows run on CPU (tiny workloads only; with
+and prints what they add. To measure one of the three, set it in the environment:
+SLIMTUNE_FUSED_LAYERS=rmsnorm,rope python benchmarks/train_bench.py --fused-layers both. On a machine without CUDA the rows run on CPU (tiny workloads only; with
 SLIMTUNE_FAST_PATH=on TRITON_INTERPRET=1 the Triton kernels run under the interpreter: a smoke test).
 """
 

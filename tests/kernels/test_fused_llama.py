@@ -132,8 +132,14 @@ def test_unknown_architecture_mode_off_and_env_flag_swap_nothing(monkeypatch):
     set_fast_path("auto")
     monkeypatch.setenv(llama_fused.ENV_FLAG, "off")
     assert llama_fused.patch_model(llama) == 0
+    monkeypatch.setenv(llama_fused.ENV_FLAG, "rope, swiglu")
+    assert llama_fused.patch_model(llama) == 4  # attention and MLP of both layers, no norm
+    assert type(llama.model.norm).__name__ == "LlamaRMSNorm"
+    monkeypatch.setenv(llama_fused.ENV_FLAG, "rmsnorm,gelu")
+    with pytest.raises(ValueError, match="allowed"):
+        llama_fused.patch_model(llama)
     monkeypatch.delenv(llama_fused.ENV_FLAG)
-    assert llama_fused.patch_model(llama) == 9 and llama_fused.patch_model(llama) == 0  # once only
+    assert llama_fused.patch_model(llama) == 5 and llama_fused.patch_model(llama) == 0  # the norms; once only
 
 
 def test_get_peft_model_patches_a_llama():

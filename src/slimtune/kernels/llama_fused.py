@@ -20,8 +20,9 @@ SLIMTUNE_FAST_PATH=off, for dtypes the kernels do not take, and, for attention, 
 passed (generation): the fast attention forward covers training only. So a patched model computes
 transformers' own forward everywhere the kernels are not used, bit for bit.
 
-SLIMTUNE_FUSED_LAYERS=off (read by patch_model) leaves these three out while the rest of the fast
-path (fused LoRA, Triton dequantization) stays on: the benchmark uses it to measure what they add.
+SLIMTUNE_FUSED_LAYERS (read by patch_model) picks which of the three are swapped: unset/on/all for all,
+off for none, or a comma list of rmsnorm, rope, swiglu. The rest of the fast path (fused LoRA, Triton
+dequantization) stays on: the benchmark uses it to measure what each adds.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from torch import nn
 
 from slimtune.kernels.dispatch import fast_path_mode, triton_available
 
-__all__ = ["patch_model", "kernels_apply", "FusedRMSNorm", "FusedSwiGLU", "FusedAttention", "ENV_FLAG"]
+__all__ = ["patch_model", "kernels_apply", "FusedRMSNorm", "FusedSwiGLU", "FusedAttention", "ENV_FLAG", "KINDS",
+           "enabled_kinds"]
 
 ENV_FLAG = "SLIMTUNE_FUSED_LAYERS"
-"""Set to 'off' (or 0/false) to keep transformers' RMSNorm/RoPE/SwiGLU when the fast path is on."""
+"""'off' keeps transformers' RMSNorm/RoPE/SwiGLU when the fast path is on; a comma list keeps some."""
+KINDS = ("rmsnorm", "rope", "swiglu")
 
 _ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}  # config.model_type -> prefix
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -160,17 +163,32 @@ def _rope_applies(cos: torch.Tensor, sin: torch.Tensor) -> bool:
             and not cos.requires_grad and not sin.requires_grad)
 
 
-def _swap(module: nn.Module, architecture: str) -> nn.Module | None:
-    """The fused replacement of `module`, or None when it is not one of the architecture's three."""
+def enabled_kinds() -> tuple[str, ...]:
+    """Which of KINDS $SLIMTUNE_FUSED_LAYERS selects (all when unset)."""
+    value = os.environ.get(ENV_FLAG, "").strip().lower()
+    if value in ("", "on", "all", "1", "true"):
+        return KINDS
+    if value in ("off", "none", "0", "false"):
+        return ()
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ValueError(f"{ENV_FLAG}={value!r}: {bad} not known; allowed: on, off, or a comma list of {KINDS}")
+    return kinds
+
+
+def _swap(module: nn.Module, architecture: str, kinds: tuple[str, ...]) -> nn.Module | None:
+    """The fused replacement of `module`, or None when it is not one of the architecture's three (or not in kinds)."""
     prefix = _ARCHITECTURES[architecture]
     cls_name = type(module).__name__
     if not type(module).__module__.startswith(f"transformers.models.{architecture}."):
         return None
-    if cls_name == f"{prefix}RMSNorm":
+    if cls_name == f"{prefix}RMSNorm" and "rmsnorm" in kinds:
         return FusedRMSNorm(module)
-    if cls_name == f"{prefix}Attention":
+    if cls_name == f"{prefix}Attention" and "rope" in kinds:
         return FusedAttention(module, architecture)
-    if cls_name == f"{prefix}MLP" and getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
+    if cls_name == f"{prefix}MLP" and "swiglu" in kinds and \
+            getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
         return FusedSwiGLU(module)
     return None
 
@@ -181,14 +199,15 @@ def patch_model(model: nn.Module) -> int:
     Returns the number of modules swapped: 0 for an unknown architecture, with SLIMTUNE_FAST_PATH=off or
     SLIMTUNE_FUSED_LAYERS=off, or without Triton. Calling it again swaps nothing more.
     """
-    if fast_path_mode() == "off" or os.environ.get(ENV_FLAG, "").lower() in ("off", "0", "false"):
+    kinds = enabled_kinds()
+    if fast_path_mode() == "off" or not kinds:
         return 0
     architecture = getattr(getattr(model, "config", None), "model_type", None)
     if architecture not in _ARCHITECTURES or not triton_available():
         return 0
     swapped = 0
     for name, module in list(model.named_modules()):
-        new = _swap(module, architecture)
+        new = _swap(module, architecture, kinds)
         if new is None:
             continue
         parent, _, child = name.rpartition(".")

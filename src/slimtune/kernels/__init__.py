@@ -7,6 +7,10 @@ values and gradients against it (on CPU under TRITON_INTERPRET=1, on a GPU with 
     nf4_matmul.py     Triton: fused dequantize-matmul for decode-size inputs (M <= 16 rows)
     lora_linear.py    torch autograd.Function: base matmul + LoRA in one op, manual backward
     cross_entropy.py  torch autograd.Function: chunked LM-head cross-entropy, no (N, V) fp32 logits
+    rms_norm.py       Triton: RMSNorm forward/backward (saves x and a per-row rstd)
+    rope.py           Triton: rotary embedding of q and k in one launch; backward rotates by -theta
+    swiglu.py         Triton: silu(g) * u; backward recomputes silu from g
+    llama_fused.py    swaps those into Llama/Qwen2/Mistral modules (get_peft_model calls it)
     dispatch.py       when the fast paths are used, and the reused dequantization buffer
 
 Triton is imported lazily (only when a CUDA tensor takes a Triton path): CPU installs need no Triton.

@@ -30,7 +30,7 @@ class KernelRow:
     tb_s: float = 0.0
 
 
-def _time(fn, rep: int = 50) -> float:
+def _time(fn, rep: int = 20) -> float:
     import triton.testing
 
     try:
@@ -39,6 +39,12 @@ def _time(fn, rep: int = 50) -> float:
     except Exception as e:  # noqa: BLE001 - one contender failing must not lose the other rows
         print(f"[time] failed: {type(e).__name__}: {e}"[:400], flush=True)
         return float("nan")
+
+
+def _emit(rows: list[KernelRow], r: KernelRow) -> None:
+    """Keep and print a row at once (a run cut short by a time limit still shows what it measured)."""
+    rows.append(r)
+    print(f"{r.kernel:<10} {r.shape:<16} {r.contender:<34} {r.us:>9.2f} {r.tb_s:>7.2f}", flush=True)
 
 
 def _bnb_state(weight: torch.Tensor):
@@ -59,23 +65,38 @@ def dequant_rows(shapes=DEQUANT_SHAPES) -> list[KernelRow]:
         out = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
         label = f"{n}x{k}"
         us = _time(lambda p=packed, s=state, o=out: dequantize_4bit_triton(p, s, out=o))
-        rows.append(KernelRow("dequant", label, "slimtune", us, moved / us / 1e6))
+        _emit(rows, KernelRow("dequant", label, "slimtune", us, moved / us / 1e6))
         try:
             import bitsandbytes as bnb
 
             q, st = _bnb_state(weight)
             us = _time(lambda q=q, st=st, o=out: bnb.functional.dequantize_4bit(q, st, out=o))
-            rows.append(KernelRow("dequant", label, "bnb", us, moved / us / 1e6))
+            _emit(rows, KernelRow("dequant", label, "bnb", us, moved / us / 1e6))
         except ImportError:
             pass
         src = torch.empty(n * k // 2 * 5 // 2, dtype=torch.uint8, device="cuda")  # same bytes moved as a copy
         dst = torch.empty_like(src)
         us = _time(lambda d=dst, s=src: d.copy_(s))
-        rows.append(KernelRow("dequant", label, "copy", us, 2 * src.numel() / us / 1e6))
+        _emit(rows, KernelRow("dequant", label, "copy", us, 2 * src.numel() / us / 1e6))
     return rows
 
 
+def _rotating(make, copies: int):
+    """A callable that uses the next of `copies` inputs made by make() at each call, so that a CUDA graph of
+    repeated calls streams more than the L2 cache holds (cold weights, as in a decode step over many layers)."""
+    items = [make() for _ in range(copies)]
+    state = {"i": 0}
+
+    def pick():
+        state["i"] = (state["i"] + 1) % copies
+        return items[state["i"]]
+    return pick
+
+
 def gemv_rows(shapes=GEMV_SHAPES, ms=(1, 4, 16), sweep: bool = False) -> list[KernelRow]:
+    """Decode matmuls, each contender timed twice: 'warm' (the same weight every call, L2-resident when it
+    fits in the 50 MB L2) and 'cold' (a rotation of weight copies totalling >= 256 MB)."""
+    from slimtune.kernels.dispatch import dequantize_to_buffer
     from slimtune.kernels.nf4_matmul import matmul_4bit_triton
     from slimtune.quant.nf4 import quantize_4bit
 
@@ -83,60 +104,71 @@ def gemv_rows(shapes=GEMV_SHAPES, ms=(1, 4, 16), sweep: bool = False) -> list[Ke
     for n, k in shapes:
         weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda")
         packed, state = quantize_4bit(weight, "nf4", 64, True)
+        w_bytes = packed.numel() + state.absmax.numel()
+        q4 = _rotating(lambda w=weight: quantize_4bit(w, "nf4", 64, True), max(1, (256 << 20) // w_bytes))
+        wb = _rotating(lambda w=weight: w.clone(), max(1, (256 << 20) // (n * k * 2)))
         try:
             import bitsandbytes as bnb
 
-            q, st = _bnb_state(weight)
+            bq = _rotating(lambda w=weight: _bnb_state(w), max(1, (256 << 20) // w_bytes))
         except ImportError:
             bnb = None
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             label = f"M{m} {n}x{k}"
-            w_bytes = packed.numel() + state.absmax.numel()
-            us = _time(lambda x=x, p=packed, s=state: matmul_4bit_triton(x, p, s))
-            rows.append(KernelRow("gemv", label, "slimtune", us, w_bytes / us / 1e6))
-            if sweep and m == 1 and k == 4096:
-                rows += _sweep(x, packed, state, label, w_bytes)
+            contenders = [
+                ("slimtune", w_bytes, lambda p: matmul_4bit_triton(x, *p), q4, (packed, state)),  # noqa: B023
+                ("dequant+cuBLAS", w_bytes,
+                 lambda p: F.linear(x, dequantize_to_buffer(p[0], p[1], x.dtype)), q4, (packed, state)),  # noqa: B023
+                ("bf16", n * k * 2, lambda w: F.linear(x, w), wb, weight),  # noqa: B023
+            ]
             if bnb is not None:
-                us = _time(lambda x=x, q=q, st=st, b=bnb: b.matmul_4bit(x, q.t(), quant_state=st))
-                rows.append(KernelRow("gemv", label, "bnb", us, w_bytes / us / 1e6))
-            us = _time(lambda x=x, w=weight: F.linear(x, w))
-            rows.append(KernelRow("gemv", label, "bf16", us, n * k * 2 / us / 1e6))
+                contenders.append(("bnb", w_bytes, lambda p: bnb.matmul_4bit(x, p[0].t(), quant_state=p[1]),  # noqa: B023
+                                   bq, bq()))
+            for name, nbytes, fn, rot, warm in contenders:
+                us = _time(lambda f=fn, w=warm: f(w))
+                _emit(rows, KernelRow("gemv", label, f"{name} warm", us, nbytes / us / 1e6))
+                us = _time(lambda f=fn, r=rot: f(r()))
+                _emit(rows, KernelRow("gemv", label, f"{name} cold", us, nbytes / us / 1e6))
+            if sweep:
+                rows += _sweep(x, q4, label, w_bytes)
     return rows
 
 
-def _sweep(x, packed, state, label, w_bytes) -> list[KernelRow]:
+SWEEP_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_KW, num_warps, SPLIT_K, PRMT)
+    (1, 4, 128, 4, 1, True), (1, 4, 64, 4, 1, True), (1, 2, 128, 4, 1, True), (1, 8, 64, 4, 1, True),
+    (1, 1, 256, 4, 1, True), (1, 4, 128, 8, 1, True), (1, 4, 64, 4, 2, True), (1, 4, 128, 4, 1, False),
+    (4, 4, 64, 4, 1, True), (4, 2, 128, 4, 1, True), (4, 4, 128, 4, 1, True), (4, 8, 64, 4, 1, True),
+    (2, 4, 64, 4, 1, True), (4, 1, 128, 4, 1, True), (4, 2, 128, 4, 1, False),
+)
+
+
+def _sweep(x, q4, label, w_bytes) -> list[KernelRow]:
+    """Cold timings of the fused kernel over SWEEP_CONFIGS, with and without the cached fp32 scales."""
     from slimtune.kernels.nf4_matmul import matmul_4bit_triton
 
     rows = []
-    for bn in (16, 32, 64):
-        for sk in (1, 2, 4, 8):
-            for stages in (2, 4):
-                cfg = dict(BLOCK_N=bn, SPLIT_K=sk, num_warps=4, num_stages=stages)
-                try:
-                    us = _time(lambda c=cfg: matmul_4bit_triton(x, packed, state, config=c), rep=20)  # noqa: B023
-                except Exception as e:  # noqa: BLE001 - a config that does not compile is just skipped
-                    print(f"[sweep] {label} {cfg} failed: {type(e).__name__}: {e}"[:300])
-                    continue
-                rows.append(KernelRow("gemv-sweep", label, f"bn{bn} sk{sk} st{stages}", us, w_bytes / us / 1e6))
+    for bm, bn, bkw, warps, sk, prmt in SWEEP_CONFIGS:
+        if (bm == 1) != (x.shape[0] == 1):
+            continue
+        for cache in (False, True) if bm == 1 and prmt else (False,):
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, SPLIT_K=sk, PRMT=prmt, num_stages=1)
+            us = _time(lambda c=cfg, sc=cache: matmul_4bit_triton(x, *q4(), config=c, scale_cache=sc), rep=10)
+            name = f"m{bm} n{bn} kw{bkw} w{warps} sk{sk}{'' if prmt else ' gather'}{' cache' if cache else ''}"
+            _emit(rows, KernelRow("gemv-sweep", label, name, us, w_bytes / us / 1e6))
     return rows
 
 
-def run_kernel_bench(sweep: bool = False, verbose: bool = True) -> list[KernelRow]:
+def run_kernel_bench(sweep: bool = False, verbose: bool = True, dequant: bool = True) -> list[KernelRow]:
     """Time dequantization and decode matmuls on the current CUDA device; print a table."""
-    rows = dequant_rows() + gemv_rows(sweep=sweep)
+    rows = (dequant_rows() if dequant else []) + gemv_rows(sweep=sweep)
     if verbose:
         print(f"card: {torch.cuda.get_device_name()}")
-        print(f"{'kernel':<10} {'shape':<16} {'contender':<22} {'us':>9} {'TB/s':>7}")
-        for r in rows:
-            if r.kernel == "gemv-sweep":
-                continue
-            print(f"{r.kernel:<10} {r.shape:<16} {r.contender:<22} {r.us:>9.2f} {r.tb_s:>7.2f}")
         if sweep:
             best: dict[str, KernelRow] = {}
             for r in rows:
                 if r.kernel == "gemv-sweep" and (r.shape not in best or r.us < best[r.shape].us):
                     best[r.shape] = r
             for shape, r in best.items():
-                print(f"best config {shape:<16} {r.contender:<22} {r.us:>9.2f}")
+                print(f"best config {shape:<16} {r.contender:<34} {r.us:>9.2f}")
     return rows

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.dispatch import dequantize_to_buffer
+from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
+from slimtune.kernels.nf4_routing import DECODE_ROWS
 from slimtune.quant.state import QuantState
 
 __all__ = ["lora_linear", "lora_linear_reference", "base_matmul"]
@@ -43,10 +44,15 @@ def base_matmul(x2: torch.Tensor, weight: torch.Tensor, state: QuantState | None
                 bias: torch.Tensor | None) -> torch.Tensor:
     """x2 (N, in) -> x2 W^T + b (N, out), no autograd.
 
-    4-bit weights are dequantized by Triton into the shared buffer, then cuBLAS multiplies. The fused
-    decode kernel (nf4_matmul.py) is not routed here: on the H200 it measured 15-20x slower than this
-    path (docs/benchmarks.md), so it stays opt-in until that is fixed.
+    4-bit weights: decode-size inputs (N <= DECODE_ROWS on CUDA) take the fused Triton GEMV
+    (nf4_matmul.py, see Note: decode routing there); the rest is dequantized by Triton into the shared
+    buffer, then cuBLAS multiplies.
     """
+    if state is not None and x2.shape[0] <= DECODE_ROWS and use_triton(x2):
+        from slimtune.kernels.nf4_matmul import matmul_4bit_triton, supports
+
+        if supports(x2, state):
+            return matmul_4bit_triton(x2, weight, state, bias)
     return F.linear(x2, _dense_weight(weight, state, x2.dtype), bias)
 
 

@@ -2,20 +2,35 @@
 
 Reference: `matmul_4bit_reference` (dequantize with quant/nf4.py, then F.linear).
 
-At decode time x has 1-16 rows and the cost of a linear layer is streaming its weight: 0.53 byte per
+At decode time x has a few rows and the cost of a linear layer is streaming its weight: 0.53 byte per
 weight in 4 bits (+ double-quantized scales) against 2 in bf16. Dequantizing first writes and
-re-reads a full bf16 copy (2.5 + 2 bytes per weight), so the kernel never materializes W: each
-program owns BLOCK_N output features, walks K one absmax block (blocksize weights) at a time, unpacks
-the (BLOCK_N, blocksize / 2) bytes in registers (codebook lookup times the rows' absmax) and feeds
-them to tl.dot with the even and odd columns of the 16-row input tile (Note: even and odd columns). With SPLIT_K > 1 the K range is shared by SPLIT_K
-programs that add fp32 partial sums atomically (more programs for narrow outputs; order of the
-additions varies, so results vary in the last bits).
+re-reads a full bf16 copy, so this kernel never materializes W. It is a CUDA-core GEMV, not a
+tensor-core GEMM: with M <= 4 the multiply-adds are cheap and the cost is in decoding the nibbles.
+Where it is used, and the H200 numbers behind that: Note: decode routing in nf4_routing.py.
 
-Needs K % blocksize == 0 (every Llama/Qwen/Mistral shape with blocksize 64); `supports` says when,
-and callers fall back to dequantize + matmul otherwise.
+# Note: the decode GEMV layout
+The packed bytes are read as int32 words, 8 weights per word (K % 8 == 0, so a word never crosses a
+row or an absmax block). Byte b of a little-endian word holds weights 2b (high nibble, bits 8b+4..)
+and 2b+1 (low nibble, bits 8b..). A program owns BLOCK_N rows of W and BLOCK_M rows of x, and walks
+K (or its share of K with split-K) BLOCK_KW words at a time:
+    words      (BN, BKW)   int32, one coalesced load per row of W
+    codes      8 x (BN, BKW) fp32, code[nibble] of the 8 weights of each word: in registers with
+               PRMT (Note: codebook lookup in registers), or gathered from the 16-entry table
+    x          2 x (BN, BKW) int64 per row of x: the word's 8 inputs (stride 0 along BN, so that all
+               loads of the loop share one layout and Triton inserts no shared-memory conversion)
+    acc_m      (BN, BKW)   += absmax(word) * sum over the 8 weights of code * x[m]
+and reduces each acc_m over the words once at the end. The scale is applied per word (a word is
+inside one absmax block); with double quantization it is decoded in the kernel (`load_absmax`), or
+read from a cached fp32 copy (`scale_cache=True`, Note: the cached fp32 scales). Inputs of more than
+BLOCK_M rows run cdiv(M, BLOCK_M) programs per tile, each decoding the tile again.
+
+The first version fed tl.dot with dequantized (BN, blocksize) tiles and ran 15-20x slower than
+cuBLAS on the bf16 weight (docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -32,85 +47,261 @@ MAX_ROWS = 16
 
 
 @triton.jit
-def _matmul4_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, bias_ptr,
-                    out_ptr, M, N, K, stride_xm, stride_om,
-                    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
-    HB: tl.constexpr = BLOCKSIZE // 2  # bytes of one absmax block
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) output features = rows of W
-    rm = tl.arange(0, BLOCK_M)
-    n_mask = rn < N
-    rn64 = rn.to(tl.int64)
-    j = tl.arange(0, HB)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Note: even and odd columns. A byte holds weights k and k + 1 of a row; instead of interleaving
-    # the two nibbles into one (BN, BLOCKSIZE) tile (a register shuffle through shared memory), the
-    # high nibbles multiply the even columns of x and the low nibbles the odd ones: two dots.
-    # One step covers one absmax block of every row, so its scale is a (BN,) vector.
-    for k0 in range(pid_k * BLOCKSIZE, K, BLOCKSIZE * SPLIT_K):
-        byte = tl.load(packed_ptr + rn64[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=n_mask[:, None],
-                       other=0)  # (BN, HB)
-        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, (rn64 * K + k0) // BLOCKSIZE, n_mask,
-                             NESTED, NESTED_BLOCKSIZE)[:, None]  # (BN, 1)
-        w_even = (tl.load(code_ptr + (byte >> 4).to(tl.int32)) * absmax).to(x_ptr.dtype.element_ty)
-        w_odd = (tl.load(code_ptr + (byte & 0xF).to(tl.int32)) * absmax).to(x_ptr.dtype.element_ty)
-        x_idx = rm[:, None] * stride_xm + (k0 + 2 * j)[None, :]  # (BM, HB)
-        x_even = tl.load(x_ptr + x_idx, mask=rm[:, None] < M, other=0.0)
-        x_odd = tl.load(x_ptr + x_idx + 1, mask=rm[:, None] < M, other=0.0)
-        acc = tl.dot(x_even, tl.trans(w_even), acc)  # (BM, HB) @ (HB, BN)
-        acc = tl.dot(x_odd, tl.trans(w_odd), acc)
-    out_idx = rm[:, None] * stride_om + rn[None, :]
-    out_mask = (rm[:, None] < M) & n_mask[None, :]
+def _codes(words, code_ptr):
+    """The 8 code values (fp32) of each int32 word, in k order, gathered from the 16-entry table.
+
+    Under the interpreter and as the reference for `_codes_prmt`; on the H200 these gathers cost more
+    than the register lookup (Note: decode routing in nf4_routing.py)."""
+    c0 = tl.load(code_ptr + ((words >> 4) & 0xF))
+    c1 = tl.load(code_ptr + (words & 0xF))
+    c2 = tl.load(code_ptr + ((words >> 12) & 0xF))
+    c3 = tl.load(code_ptr + ((words >> 8) & 0xF))
+    c4 = tl.load(code_ptr + ((words >> 20) & 0xF))
+    c5 = tl.load(code_ptr + ((words >> 16) & 0xF))
+    c6 = tl.load(code_ptr + ((words >> 28) & 0xF))
+    c7 = tl.load(code_ptr + ((words >> 24) & 0xF))
+    return c0, c1, c2, c3, c4, c5, c6, c7
+
+
+# Note: codebook lookup in registers (PRMT)
+# prmt.b32 d, a, b, sel picks 4 bytes out of the 8 bytes of (a, b), one per 4-bit selector (3 index
+# bits; with the 4th bit set it gives 0xFF or 0x00 from the sign of the picked byte). The codebook,
+# rounded to fp16, is held as 8 registers: the low bytes of codes 0-15 (L0..L3) and their high bytes
+# (H0..H3). For the 4 nibbles of one half-word, s = nibble & 7 looks up codes 0-7 and 8-15 of both
+# byte tables (4 prmt), the nibbles' bit 3 becomes a byte mask m (1 prmt on the sign bits of w and
+# w << 4), one lop3 per table keeps the right half ((m & b) | (~m & a), LUT 0xD8), and two prmt
+# interleave low and high bytes into fp16 pairs. 21 integer instructions per 8 weights, no memory
+# access. The CPU interpreter cannot run PTX: tests/kernels/test_nf4_matmul.py::test_prmt_asm_emulated
+# executes this text instruction by instruction in Python, and the GPU tests run it for real.
+_PRMT_ASM = tl.constexpr("""{
+.reg .b32 s, t, u, a, b, c, d, m, lo, hi;
+and.b32 s, $4, 0x77777777;
+shl.b32 u, $4, 4;
+prmt.b32 a, $5, $6, s;
+prmt.b32 b, $7, $8, s;
+prmt.b32 c, $9, $10, s;
+prmt.b32 d, $11, $12, s;
+prmt.b32 m, u, $4, 0xD9C8;
+lop3.b32 lo, a, b, m, 0xD8;
+lop3.b32 hi, c, d, m, 0xD8;
+prmt.b32 $0, lo, hi, 0x5140;
+prmt.b32 $1, lo, hi, 0x7362;
+shr.b32 t, s, 16;
+prmt.b32 a, $5, $6, t;
+prmt.b32 b, $7, $8, t;
+prmt.b32 c, $9, $10, t;
+prmt.b32 d, $11, $12, t;
+prmt.b32 m, u, $4, 0xFBEA;
+lop3.b32 lo, a, b, m, 0xD8;
+lop3.b32 hi, c, d, m, 0xD8;
+prmt.b32 $2, lo, hi, 0x5140;
+prmt.b32 $3, lo, hi, 0x7362;
+}""")
+
+
+@triton.jit
+def _codes_prmt(words, tab_ptr):
+    """Same as `_codes` with fp16-rounded codes, looked up in registers; see Note: codebook lookup in
+    registers (PRMT). tab_ptr holds the 8 table words (`_prmt_table`)."""
+    zero = words * 0
+    p0, p1, p2, p3 = tl.inline_asm_elementwise(
+        _PRMT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [words, zero + tl.load(tab_ptr), zero + tl.load(tab_ptr + 1), zero + tl.load(tab_ptr + 2),
+         zero + tl.load(tab_ptr + 3), zero + tl.load(tab_ptr + 4), zero + tl.load(tab_ptr + 5),
+         zero + tl.load(tab_ptr + 6), zero + tl.load(tab_ptr + 7)],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+    # each pair holds weight 2i + 1 (low nibble) in its low half and weight 2i in its high half
+    return (_half_to_f32(p0 >> 16, False), _half_to_f32(p0, False), _half_to_f32(p1 >> 16, False),
+            _half_to_f32(p1, False), _half_to_f32(p2 >> 16, False), _half_to_f32(p2, False),
+            _half_to_f32(p3 >> 16, False), _half_to_f32(p3, False))
+
+
+@triton.jit
+def _half_to_f32(bits, X_BF16: tl.constexpr):
+    """fp32 value of the 16-bit float in the low half of int32 `bits`."""
+    if X_BF16:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _row_dot(c, x_ptr, off, mask, X_BF16: tl.constexpr):
+    """sum over the 8 weights of each word of code * x for one row of x; x read as 2 int64 per word."""
+    lo = tl.load(x_ptr + off, mask=mask, other=0)  # int64: x values 0-3 of each word
+    hi = tl.load(x_ptr + off + 1, mask=mask, other=0)  # values 4-7
+    a = lo.to(tl.int32)
+    b = (lo >> 32).to(tl.int32)
+    d = c[0] * _half_to_f32(a, X_BF16)  # one fma chain: no separate adds
+    d += c[1] * _half_to_f32(a >> 16, X_BF16)
+    d += c[2] * _half_to_f32(b, X_BF16)
+    d += c[3] * _half_to_f32(b >> 16, X_BF16)
+    a = hi.to(tl.int32)
+    b = (hi >> 32).to(tl.int32)
+    d += c[4] * _half_to_f32(a, X_BF16)
+    d += c[5] * _half_to_f32(a >> 16, X_BF16)
+    d += c[6] * _half_to_f32(b, X_BF16)
+    d += c[7] * _half_to_f32(b >> 16, X_BF16)
+    return d
+
+
+@triton.jit
+def _store_row(out_ptr, bias_ptr, acc, m, M, rn, n_mask, stride_om, HAS_BIAS: tl.constexpr,
+               SPLIT_K: tl.constexpr):
+    y = tl.sum(acc, axis=1)  # (BN,)
+    mask = n_mask & (rn * 0 + m < M)
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_idx, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            y += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * stride_om + rn, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.atomic_add(out_ptr + out_idx, acc, mask=out_mask)
+        tl.atomic_add(out_ptr + m * stride_om + rn, y, mask=mask)
+
+
+@triton.jit
+def _gemv4_kernel(x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, tab_ptr, bias_ptr,
+                  out_ptr, M, N, KW, stride_xm, stride_om, PRMT: tl.constexpr,
+                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
+    """See Note: the decode GEMV layout. x_ptr is x viewed as int64 (stride_xm in int64 units), KW = K / 8;
+    out is (M, N) in x's dtype, or fp32 zeros when SPLIT_K > 1."""
+    WPB: tl.constexpr = BLOCKSIZE // 8  # words per absmax block
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,) rows of W = output features
+    n_mask = rn < N
+    row_word = rn.to(tl.int64) * KW  # (BN,) first word of each row
+    # x has no row index along BN; the zeros give its loads the (BN, BKW) shape of the weight tile, so
+    # Triton lays out all loads of the loop alike (no layout conversions through shared memory).
+    x_rows = (rn * 0)[:, None]
+    j = tl.arange(0, BLOCK_KW)
+    acc0 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    for kw0 in range(pid_k * BLOCK_KW, KW, BLOCK_KW * SPLIT_K):
+        kw = kw0 + j  # (BKW,) word index inside the row
+        word_idx = row_word[:, None] + kw[None, :]  # (BN, BKW)
+        k_ok = (kw < KW)[None, :]
+        w_mask = n_mask[:, None] & k_ok
+        words = tl.load(words_ptr + word_idx, mask=w_mask, other=0)
+        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, word_idx // WPB, w_mask,
+                             NESTED, NESTED_BLOCKSIZE)  # (BN, BKW) fp32
+        if PRMT:
+            c = _codes_prmt(words, tab_ptr)
+        else:
+            c = _codes(words, code_ptr)
+        x_off = x_rows + (kw * 2)[None, :] + m0 * stride_xm  # (BN, BKW) int64 index of row m0
+        acc0 += _row_dot(c, x_ptr, x_off, k_ok & (x_rows + m0 < M), X_BF16) * absmax
+        if BLOCK_M > 1:
+            acc1 += _row_dot(c, x_ptr, x_off + stride_xm, k_ok & (x_rows + m0 + 1 < M), X_BF16) * absmax
+        if BLOCK_M > 2:
+            acc2 += _row_dot(c, x_ptr, x_off + 2 * stride_xm, k_ok & (x_rows + m0 + 2 < M), X_BF16) * absmax
+            acc3 += _row_dot(c, x_ptr, x_off + 3 * stride_xm, k_ok & (x_rows + m0 + 3 < M), X_BF16) * absmax
+    _store_row(out_ptr, bias_ptr, acc0, m0, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 1:
+        _store_row(out_ptr, bias_ptr, acc1, m0 + 1, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
+    if BLOCK_M > 2:
+        _store_row(out_ptr, bias_ptr, acc2, m0 + 2, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
+        _store_row(out_ptr, bias_ptr, acc3, m0 + 3, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
 
 
 def supports(x: torch.Tensor, state: QuantState) -> bool:
-    """Whether the kernel handles this call: <= 16 rows, 2-D weight, K a multiple of the blocksize."""
+    """Whether the kernel handles this call: <= 16 rows of bf16/fp16, a 2-D weight with K % 8 == 0."""
     k = state.shape[-1]
-    return (len(state.shape) == 2 and x.shape[-1] == k and x.numel() // max(k, 1) <= MAX_ROWS
-            and k % state.blocksize == 0 and 32 <= state.blocksize <= 256
+    return (len(state.shape) == 2 and x.shape[-1] == k and k % 8 == 0 and k > 0
+            and x.numel() // k <= MAX_ROWS and state.blocksize % 8 == 0
             and x.dtype in (torch.bfloat16, torch.float16))
 
 
-def pick_config(m: int, n: int, k: int, blocksize: int) -> dict[str, int]:
-    """Tile sizes: enough programs to fill 132 SMs several times over (split K for narrow outputs)."""
-    block_n = 32
-    programs = -(-n // block_n)
+def pick_config(m: int, n: int, k: int) -> dict[str, int]:
+    """Tile sizes for (m, n, k); see Note: decode routing in nf4_routing.py for the measurements."""
+    cfg = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_KW=128) if m == 1 else dict(BLOCK_M=4, BLOCK_N=2, BLOCK_KW=128)
     split_k = 1
-    while programs * split_k < 1024 and split_k < 8 and k // blocksize >= 8 * split_k:
-        split_k *= 2
-    return dict(BLOCK_N=block_n, SPLIT_K=split_k, num_warps=4, num_stages=3)
+    while -(-n // cfg["BLOCK_N"]) * split_k < 528 and split_k < 8 and k // 8 >= 2 * cfg["BLOCK_KW"] * split_k:
+        split_k *= 2  # fewer than 4 programs per SM: share K
+    return dict(cfg, SPLIT_K=split_k, num_warps=4, num_stages=1)
+
+
+# Note: the cached fp32 scales
+# With double quantization every word's scale costs three gathers (code, nested code table, nested
+# absmax); `scale_cache=True` decodes the (N * K / blocksize,) fp32 scales once per QuantState
+# (1/16 byte per weight, ~12% of the packed weight) and the kernel reads one float per word instead.
+_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _cached_scales(state: QuantState) -> torch.Tensor:
+    hit = _SCALES.get(id(state))
+    if hit is not None and hit[0]() is state:
+        return hit[1]
+    s2 = state.state2
+    blocks = torch.arange(state.absmax.numel(), device=state.absmax.device) // s2.blocksize
+    scales = s2.code.float()[state.absmax.long()] * s2.absmax.float()[blocks] + s2.offset.float()
+    key = id(state)
+    _SCALES[key] = (weakref.ref(state, lambda _: _SCALES.pop(key, None)), scales)
+    return scales
+
+
+def prmt_table(code: torch.Tensor) -> torch.Tensor:
+    """(16,) codebook -> (8,) int32: low bytes then high bytes of the fp16 codes, 4 per word, code 0 in
+    the lowest byte; see Note: codebook lookup in registers (PRMT)."""
+    h = code.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF  # (16,)
+    nbytes = torch.cat([h & 0xFF, h >> 8]).view(8, 4)  # (8 words, 4 bytes)
+    # no host tensor here: the first call may happen inside CUDA-graph capture
+    words = (nbytes << (torch.arange(4, device=code.device) * 8)).sum(1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)  # as signed 32-bit
+
+
+_TABLES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _prmt_table(state: QuantState) -> torch.Tensor:
+    hit = _TABLES.get(id(state))
+    if hit is not None and hit[0]() is state:
+        return hit[1]
+    key = id(state)
+    table = prmt_table(state.code)
+    _TABLES[key] = (weakref.ref(state, lambda _: _TABLES.pop(key, None)), table)
+    return table
 
 
 def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
-                       config: dict[str, int] | None = None) -> torch.Tensor:
+                       config: dict[str, int] | None = None, scale_cache: bool = False) -> torch.Tensor:
     """x (..., K) with at most 16 rows, W = dequantize(packed) (N, K) -> x W^T + b (..., N), in x's dtype."""
     if not supports(x, state):
         raise ValueError(f"matmul_4bit_triton: unsupported call x {tuple(x.shape)} {x.dtype}, weight "
-                         f"{tuple(state.shape)} blocksize {state.blocksize}; see supports()")
+                         f"{tuple(state.shape)} blocksize {state.blocksize}; allowed: <= {MAX_ROWS} rows, "
+                         f"bf16/fp16, 2-D weight with in_features % 8 == 0")
     n, k = int(state.shape[0]), int(state.shape[1])
     x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or x2.stride(0) % 4 or x2.data_ptr() % 8:
+        x2 = x2.contiguous()  # read as int64 (4 values), see _row_dot
     m = x2.shape[0]
-    cfg = dict(config or pick_config(m, n, k, state.blocksize))
-    split_k = cfg["SPLIT_K"]
-    out = (torch.empty if split_k == 1 else torch.zeros)(
-        (m, n), dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k)
-    _matmul4_kernel[grid](
-        x2, packed.reshape(-1).view(torch.uint8), *absmax_args(state), state.code.float(),
-        bias if bias is not None else out, out, m, n, k, x2.stride(0), out.stride(0),
-        BLOCKSIZE=state.blocksize, NESTED=state.state2 is not None,
+    cfg = dict(config or pick_config(m, n, k))
+    split_k = cfg.pop("SPLIT_K", 1)
+    block_m = cfg.pop("BLOCK_M", min(4, triton.next_power_of_2(m)))
+    if split_k == 1:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    nested = state.state2 is not None
+    if nested and scale_cache:
+        scale_args = (_cached_scales(state),) * 4
+        nested = False
+    else:
+        scale_args = absmax_args(state)
+    words = packed.reshape(-1).view(torch.uint8).view(torch.int32)
+    prmt = cfg.pop("PRMT", x.is_cuda)  # inline PTX: not under the CPU interpreter
+    tab = _prmt_table(state) if prmt else words
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, block_m))
+    _gemv4_kernel[grid](
+        x2.view(torch.int64) if x2.numel() else x2, words, *scale_args, state.code.float(), tab, bias if bias is not None else out, out,
+        m, n, k // 8, x2.stride(0) // 4, out.stride(0),
+        BLOCKSIZE=state.blocksize, NESTED=nested,
         NESTED_BLOCKSIZE=state.state2.blocksize if state.state2 is not None else 256,
-        HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, **cfg,
+        HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16, PRMT=prmt, BLOCK_M=block_m, SPLIT_K=split_k, **cfg,
     )
     if split_k > 1:
         if bias is not None:

@@ -137,7 +137,7 @@ class Linear4bit(nn.Module):
         x = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if use_triton(x) and not (torch.is_grad_enabled() and x.requires_grad):
-            # Inference on CUDA: Triton dequantization into the shared buffer, no autograd bookkeeping.
+            # Inference on CUDA: fused decode GEMV for <= 4 rows, else Triton dequantization + cuBLAS.
             from slimtune.kernels.lora_linear import base_matmul
 
             out = base_matmul(x.reshape(-1, self.in_features), self.packed_weight(), self.quant_state, bias)

@@ -51,7 +51,8 @@ class AdaptedModel(nn.Module):
 
     Calling it runs the transformers model's backbone (`model.base_model`, e.g. LlamaModel), as calling
     `base_model` does on any PreTrainedModel: TRL's SFTTrainer patches the forward of the model it is
-    given and reads hidden states from `self.base_model(...)` to compute its chunked loss.
+    given and reads hidden states from `self.base_model(...)` to compute its chunked loss. An active
+    prompt-learning adapter applies there too (PromptHooks.backbone), so that loss trains the prompt.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -59,7 +60,12 @@ class AdaptedModel(nn.Module):
         self.model = model
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.model, "base_model", self.model)(*args, **kwargs)
+        backbone = getattr(self.model, "base_model", self.model)
+        owner = self.__dict__.get("_peft_owner")
+        if owner is None or (hooks := owner._prompt_hooks()) is None:
+            return backbone(*args, **kwargs)
+        kwargs.update(zip(("input_ids", "attention_mask"), args))  # positional order of every backbone forward
+        return hooks.backbone(backbone, owner._prompt(), owner.peft_config[owner.active_adapter], kwargs)
 
     def update_and_allocate(self, global_step: int) -> None:
         """peft's spelling (`model.base_model.update_and_allocate(step)`); see PeftModel.update_and_allocate."""

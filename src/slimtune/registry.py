@@ -42,6 +42,10 @@ class PromptHooks:
     """forward(base_model, prompt, config, inputs): the base model's outputs with the prompt applied."""
     generate: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
     """generate(base_model, prompt, config, generate_kwargs): base_model.generate's result with the prompt."""
+    backbone: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
+    """backbone(backbone, prompt, config, inputs): the backbone's (e.g. LlamaModel's) outputs with the prompt
+    applied, last_hidden_state at the real tokens only. `peft_model.base_model(...)` runs it: TRL's SFTTrainer
+    computes its fused loss from those hidden states (see peft_model.AdaptedModel)."""
 
 
 @dataclasses.dataclass(frozen=True)

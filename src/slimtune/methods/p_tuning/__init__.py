@@ -28,4 +28,5 @@ def build_encoder(model: nn.Module, config: PromptEncoderConfig) -> nn.Module:
 
 METHOD = MethodSpec(config_cls=PromptEncoderConfig, inject=inject, default_targets={},
                     prompt=PromptHooks(build_encoder=build_encoder, forward=virtual_tokens.forward,
-                                       generate=virtual_tokens.generate))
+                                       generate=virtual_tokens.generate,
+                                       backbone=virtual_tokens.backbone_forward))

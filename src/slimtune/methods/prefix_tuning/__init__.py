@@ -48,4 +48,5 @@ def build_encoder(model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
 
 METHOD = MethodSpec(config_cls=PrefixTuningConfig, inject=inject, default_targets={},
                     prompt=PromptHooks(build_encoder=build_encoder, forward=prefix_cache.forward,
-                                       generate=prefix_cache.generate))
+                                       generate=prefix_cache.generate,
+                                       backbone=prefix_cache.forward))

@@ -11,6 +11,12 @@ generates exactly what it generates alone. An encoder (T5) has no position ids: 
 counts slots, so [virtual, pad, pad, real] would put the pads between the prompt and the text. For
 encoder-decoder models the virtual tokens therefore go right before the first real token of each row
 ([pad, pad, virtual, real]); on an unpadded batch this is peft's layout exactly.
+
+# Note: TRL's fused loss
+TRL's SFTTrainer computes its loss from `model.base_model(...)` hidden states against the labels it holds
+(unextended, length T), so `backbone_forward` returns the real tokens' hidden states only. The prediction of
+the first real token from the last virtual one therefore falls out of that loss; forward() (labels extended
+with n -100s, as peft) scores it. peft under TRL also scores it: one token per row is the only difference.
 """
 
 from __future__ import annotations
@@ -81,6 +87,17 @@ def _prepare(model: nn.Module, prompt: torch.Tensor, config: PromptLearningConfi
 def forward(model: nn.Module, prompt: torch.Tensor, config: PromptLearningConfig, inputs: dict[str, Any]) -> Any:
     """The model's forward with the virtual tokens in front; logits cover virtual positions too (as in peft)."""
     return model(**_prepare(model, prompt, config, inputs))
+
+
+def backbone_forward(backbone: nn.Module, prompt: torch.Tensor, config: PromptLearningConfig,
+                     inputs: dict[str, Any]) -> Any:
+    """The backbone (no head) with the virtual tokens in front. A decoder-only model's last_hidden_state keeps the
+    real tokens only, (B, T, D), so it lines up with the labels (TRL's fused loss reads it); an encoder-decoder
+    model's is the decoder's, which has no virtual tokens."""
+    outputs = backbone(**_prepare(backbone, prompt, config, inputs))
+    if not getattr(getattr(backbone, "config", None), "is_encoder_decoder", False):
+        outputs.last_hidden_state = outputs.last_hidden_state[:, config.num_virtual_tokens:]
+    return outputs
 
 
 def generate(model: nn.Module, prompt: torch.Tensor, config: PromptLearningConfig, inputs: dict[str, Any]) -> Any:

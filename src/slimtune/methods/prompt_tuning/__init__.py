@@ -26,4 +26,5 @@ def build_encoder(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
 
 METHOD = MethodSpec(config_cls=PromptTuningConfig, inject=inject, default_targets={},
                     prompt=PromptHooks(build_encoder=build_encoder, forward=virtual_tokens.forward,
-                                       generate=virtual_tokens.generate))
+                                       generate=virtual_tokens.generate,
+                                       backbone=virtual_tokens.backbone_forward))

@@ -459,8 +459,8 @@ def _refuse_trainable_prompt(config: PeftConfig, is_trainable: bool) -> None:
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
     """Wrap `model` with a new trainable adapter described by `peft_config`."""
-    peft_model = PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
-    from slimtune.kernels.llama_fused import patch_model  # fused RMSNorm/RoPE/SwiGLU, known architectures only
+    from slimtune.kernels.llama_fused import patch_model
 
-    patch_model(model)
+    peft_model = PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+    patch_model(model)  # fused RMSNorm/RoPE/SwiGLU on known architectures (CUDA); a no-op elsewhere
     return peft_model

@@ -9,6 +9,7 @@ the identity; soft prompts and the NF4 base do not). Each method runs in its own
 peak resident memory (VmHWM, reset after the "before" evaluation) is that method's alone.
 
     python benchmarks/method_comparison.py [--steps 40] [--methods lora ia3] [--out table.md]
+    python benchmarks/method_comparison.py --from-json --out table.md   # the table again, no training
 
 Takes ~20 minutes on 2 idle CPU cores with the defaults; `--one METHOD --json FILE` is the child.
 """
@@ -136,8 +137,8 @@ def measure(method: str, model: str, train_path: str, eval_path: str, workdir: P
     row: dict[str, Any] = {"method": method, "lr": None if method == "base" else cfg.train.lr,
                            "trainable": trainable, "total": total, "before": held_out(net, data, collate, budget.batch)}
     if method == "base":
-        row["answer"] = answer(net, tokenizer, data.template, prompt)
-        row["peak_rss_gb"] = peak_rss_gb()
+        row.update(answer=answer(net, tokenizer, data.template, prompt), peak_rss_gb=peak_rss_gb(),
+                   load_avg_5min=os.getloadavg()[1])
         return row
     del net
     gc.collect()
@@ -189,11 +190,11 @@ def _ppl(loss: float | None) -> float | None:
 def format_table(rows: list[dict[str, Any]], answer_chars: int = 60) -> str:
     """Markdown table; a failed row shows its error, a missing number shows n/a."""
     lines = ["| method | lr | trainable params (%) | held-out loss before -> after | perplexity before -> after "
-             "| s/step | peak RSS (GiB) | adapter file (MB) | greedy answer (truncated) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| s/step | CPU load (5 min) | peak RSS (GiB) | adapter file (MB) | greedy answer (truncated) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | | |")
             continue
         pct = 100 * r["trainable"] / max(1, r["total"])
         after, base = r.get("after"), r["method"] == "base"
@@ -203,7 +204,8 @@ def format_table(rows: list[dict[str, Any]], answer_chars: int = 60) -> str:
             f"| {r['method']} | {'-' if base else _num(r['lr'], 'g')} | {r['trainable']:,} ({pct:.3g}%) "
             f"| {_num(r['before'], '.3f')}{'' if base else ' -> ' + _num(after, '.3f')} "
             f"| {_num(_ppl(r['before']), '.2f')}{'' if base else ' -> ' + _num(_ppl(after), '.2f')} "
-            f"| {'-' if base else _num(r.get('s_per_step'), '.2f')} | {_num(r['peak_rss_gb'], '.2f')} "
+            f"| {'-' if base else _num(r.get('s_per_step'), '.2f')} | {_num(r.get('load_avg_5min'), '.1f')} "
+            f"| {_num(r['peak_rss_gb'], '.2f')} "
             f"| {'-' if base else _num(r.get('artifact_mb'), '.2f')} | {text} |")
     return "\n".join(lines)
 
@@ -248,6 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=100, help="first N rows of the shipped eval file")
     parser.add_argument("--workdir", default="runs/method-comparison")
     parser.add_argument("--out", default=None, help="also write the markdown table (and rows as .json) here")
+    parser.add_argument("--from-json", action="store_true",
+                        help="no training: the table of the rows already in WORKDIR/METHOD.json (re-run one with --methods)")
     parser.add_argument("--one", choices=ROWS, help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -261,7 +265,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     rows = []
     for method in args.methods:
-        rows.append(spawn(method, args))
+        saved = Path(args.workdir) / f"{method}.json"
+        rows.append(json.loads(saved.read_text()) if args.from_json and saved.is_file() else
+                    {"method": method, "error": f"no {saved}"} if args.from_json else spawn(method, args))
         r = rows[-1]
         print(format_table([r]).splitlines()[-1], f"({r.get('wall_s', 0):.0f} s)", flush=True)
     table = format_table(rows)

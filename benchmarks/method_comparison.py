@@ -23,6 +23,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def measure(method: str, model: str, train_path: str, eval_path: str, workdir: P
         artifact_mb=sum(f.stat().st_size for f in result.artifact_dir.glob("*.safetensors")) / 2**20,
         answer=answer(result.model, result.tokenizer, result.data.template, prompt),
     )
+    shutil.rmtree(result.output_dir / "checkpoints")  # resumable state (for full ~1.6 GB); the adapter stays
     return row
 
 
@@ -224,10 +226,11 @@ def child(method: str, args: argparse.Namespace) -> None:
 
 
 def spawn(method: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run `method` in a fresh process; its log goes to WORKDIR/METHOD.log."""
+    """Run `method` in a fresh process (replacing WORKDIR/METHOD); its log goes to WORKDIR/METHOD.log."""
     workdir = Path(args.workdir)
     out, log = workdir / f"{method}.json", workdir / f"{method}.log"
     out.unlink(missing_ok=True)
+    shutil.rmtree(workdir / method, ignore_errors=True)  # an earlier run of this script
     cmd = [sys.executable, __file__, "--one", method, "--json", str(out), "--workdir", str(workdir),
            "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
            "--seed", str(args.seed), "--held-out", str(args.held_out)]

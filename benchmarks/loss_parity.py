@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for name, precision, mode in (("fast", "bf16", fast), ("ref", "bf16", "off"), ("fp32", "fp32", "off")):
                 runs[name] = run_curve(model_dir, method, precision, mode, args, Path(tmp) / f"{method}-{name}")
                 curves[f"{method}-{name}"] = runs[name][0]
+                losses, seconds = runs[name]
+                print(f"[parity] {method}-{name}: {len(losses)} steps in {seconds:.1f} s, first {losses[0]:.4f}, "
+                      f"last {losses[-1]:.4f}", flush=True)
             (fast_l, fast_s), (ref_l, ref_s), (fp32_l, _) = runs["fast"], runs["ref"], runs["fp32"]
             max_fr, mean_fr = gaps(fast_l, ref_l)
             max_noise, mean_noise = gaps(ref_l, fp32_l)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def train(config: Path, *args: str) -> None:
     result = CliRunner().invoke(app, ["train", str(config), "--no-progress", "--train.device", "cuda", *args])
-    assert result.exit_code == 0, result.output
+    trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+    assert result.exit_code == 0, result.output + trace
 
 
 @pytest.mark.parametrize(("method", "precision"), [("lora", "bf16"), ("lora", "fp16"), ("qlora", "bf16"),

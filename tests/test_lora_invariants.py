@@ -153,3 +153,18 @@ def test_conv1d_and_modules_to_save_keys_match_peft(tmp_path):
     assert "base_model.model.classifier.weight" in ours.adapter_state_dict()
     ours.save_pretrained(tmp_path)
     assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == sorted(ours.adapter_state_dict())
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_are_built_on_the_base_weights_device(use_dora):
+    """Adapters (and DoRA's magnitude, computed from the base weight) land on the base layer's device.
+
+    A meta-device base stands in for a GPU one on CPU-only CI: DoRA's norm once mixed a CPU adapter
+    with the base weight's device and failed on every CUDA model.
+    """
+    with torch.device("meta"):
+        base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    model = slimtune.get_peft_model(base, slimtune.LoraConfig(r=2, target_modules=["0", "2"], use_dora=use_dora))
+    trainable = {name: param.device.type for name, param in model.named_parameters() if param.requires_grad}
+    assert len(trainable) == (6 if use_dora else 4)
+    assert set(trainable.values()) == {"meta"}

@@ -80,9 +80,10 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
         if niter is not None:
             _pissa(layer, adapter, niter, name)
         device, dtype = _adapter_dtype(layer.base_layer, autocast_adapter_dtype)
+        adapter.to(device=device)  # DoRA's norm is taken where the base weight lives (a GPU, usually)
         if config.use_dora:
             adapter.init_dora(layer.base_weight().to(device))
-        layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
+        layer.add(adapter_name, adapter.to(dtype=dtype).train(layer.base_layer.training))
 
 
 def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) -> None:

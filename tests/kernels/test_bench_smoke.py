@@ -29,3 +29,42 @@ def test_bench_rows_and_table(workload, tmp_path):
 def test_unknown_workload():
     with pytest.raises(ValueError, match="allowed"):
         run_bench(["9b-lora"], device="cpu")
+
+
+def test_repeats_keep_each_sides_fastest_round_and_offload_row(monkeypatch):
+    """--repeats: every library measured in every round (order reversed on odd rounds), the fastest kept;
+    --offload: a third row trained under offload_saved_tensors, with the same first loss."""
+    pytest.importorskip("peft")
+    import slimtune.bench.run as run_mod
+    from slimtune.bench.run import OFFLOAD
+
+    calls = []
+    real = run_mod.measure
+
+    def spy(work, library, *args, **kwargs):
+        row = real(work, library, *args, **kwargs)
+        row.tokens_per_s = 100.0 + len(calls)  # later rounds look faster: the kept row must be the last one
+        calls.append((library, kwargs["offload"]))
+        return row
+
+    monkeypatch.setattr(run_mod, "measure", spy)
+    report = run_bench(["tiny-lora-b2"], device="cpu", seq_len=16, warmup=1, steps=3, verbose=False,
+                       repeats=2, offload=True)
+    assert calls == [("slimtune", False), ("peft", False), (OFFLOAD, True),
+                     (OFFLOAD, True), ("peft", False), ("slimtune", False)]
+    assert [(r.library, r.tokens_per_s) for r in report.rows] == [("slimtune", 105.0), ("peft", 104.0),
+                                                                   (OFFLOAD, 103.0)]
+    for row in report.rows:
+        assert len(row.step_times) == 3 and row.step_s == sorted(row.step_times)[1]
+    assert report.rows[2].loss == pytest.approx(report.rows[0].loss, rel=1e-5)
+
+
+def test_offload_is_refused_for_the_baseline():
+    pytest.importorskip("peft")
+    import torch
+
+    from slimtune.bench.run import WORKLOADS
+    from slimtune.bench.training import measure
+
+    with pytest.raises(ValueError, match="baseline"):
+        measure(WORKLOADS["tiny-lora-b2"], "peft", torch.device("cpu"), torch.float32, 16, 1, 1, offload=True)

@@ -11,13 +11,16 @@ upcast of the norms, embeddings and head would only add memory (see quant/kbit.p
 from __future__ import annotations
 
 import gc
+import statistics
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from slimtune.bench.models import PRESETS, PROJECTIONS, bnb_quantizer, build_llama, slimtune_quantizer
+from slimtune.train.offload import offload_saved_tensors
 
 __all__ = ["Workload", "Measurement", "measure"]
 
@@ -34,7 +37,7 @@ class Workload:
 
 @dataclass
 class Measurement:
-    """One row of the table. tokens_per_s counts batch * seq_len tokens per optimizer step."""
+    """One row of the table. tokens_per_s counts batch * seq_len tokens per optimizer step (median step)."""
 
     workload: str
     library: str
@@ -46,6 +49,7 @@ class Measurement:
     mfu: float = 0.0
     loss: float = 0.0  # loss of the first step (ln(vocab) ~ 11.76 at random init)
     steps: int = 0
+    step_times: list[float] = field(default_factory=list)  # seconds of each timed step; step_s is their median
 
 
 def _memory(device: torch.device) -> int:
@@ -54,17 +58,9 @@ def _memory(device: torch.device) -> int:
 
 def _wrap_slimtune(model: nn.Module) -> nn.Module:
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from slimtune.methods.lora.layer import LoraLayer
 
     prepare_model_for_kbit_training(model)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
-    # Python 3.12's isinstance() on runtime-checkable Protocols no longer sees nn.Module submodules
-    # (inspect.getattr_static), so PeftModel.set_adapter can miss the LoRA layers and leave the
-    # adapters frozen; activate them directly until that is fixed (reported with issue #7).
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            layer.set_active(["default"], trainable=True)
-    return model
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
 
 
 def _wrap_peft(model: nn.Module, quantized: bool) -> nn.Module:
@@ -92,11 +88,16 @@ def _peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def measure(work: Workload, library: str, device: torch.device, dtype: torch.dtype, seq_len: int,
-            warmup: int, steps: int, max_step_seconds: float = 60.0, seed: int = 0) -> Measurement:
-    """Build, train and time one (workload, library) pair; frees everything before returning."""
+            warmup: int, steps: int, max_step_seconds: float = 60.0, seed: int = 0,
+            offload: bool = False) -> Measurement:
+    """Build, train and time one (workload, library) pair; frees everything before returning.
+
+    offload=True (slimtune only) runs each forward under offload_saved_tensors(): the checkpointed
+    layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
+    """
     row = Measurement(work.name, library)
     try:
-        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed)
+        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload)
     except torch.OutOfMemoryError:
         row.status = "OOM"
     gc.collect()
@@ -109,7 +110,7 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
 
 
 def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.dtype, seq_len: int,
-           warmup: int, steps: int, max_step_seconds: float, seed: int) -> None:
+           warmup: int, steps: int, max_step_seconds: float, seed: int, offload: bool) -> None:
     base_mem = _memory(device)
     quantizer = None
     if work.quantized:
@@ -123,8 +124,13 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, seq_len), generator=gen).to(device)
 
+    if offload and not library_is_slimtune(row):
+        raise ValueError("offload is slimtune's (train.offload_checkpoints); the baseline has no such switch")
+    saving = offload_saved_tensors if offload else nullcontext
+
     def step() -> torch.Tensor:
-        loss = loss_fn(model, ids)
+        with saving():
+            loss = loss_fn(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -138,19 +144,20 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     for _ in range(warmup - 1):
         step()
     n = max(1, min(steps, int(max_step_seconds // max(first, 1e-3)))) if first > 1 else steps
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for _ in range(n):  # each step timed alone: the median is robust to one slow step (GC, allocator)
+        _sync(device)
+        t0 = time.perf_counter()
         step()
-    _sync(device)
-    row.step_s = (time.perf_counter() - t0) / n
+        _sync(device)
+        row.step_times.append(time.perf_counter() - t0)
+    row.step_s = statistics.median(row.step_times)
     row.steps = n
     row.tokens_per_s = work.batch * seq_len / row.step_s
     row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 def library_is_slimtune(row: Measurement) -> bool:
-    return row.library == "slimtune"
+    return not row.library.startswith("peft")
 
 
 def _sync(device: torch.device) -> None:

@@ -12,24 +12,12 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 
 import torch
 
 from slimtune.bench.models import PRESETS, build_llama, slimtune_quantizer
 from slimtune.bench.run import WORKLOADS
-from slimtune.bench.training import _slimtune_loss, _wrap_slimtune
-
-
-def _times(step, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return out
+from slimtune.bench.training import _slimtune_loss, _wrap_slimtune, time_steps
 
 
 def main() -> None:
@@ -51,10 +39,10 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    _times(step, 3)
-    on = _times(step, args.steps)
+    time_steps(step, 3, dev)
+    on = time_steps(step, args.steps, dev)
     gc.disable()
-    off = _times(step, args.steps)
+    off = time_steps(step, args.steps, dev)
     gc.enable()
     for name, ts in (("gc on", on), ("gc off", off)):
         print(f"{args.workload} {name:<7} median {1e3 * statistics.median(ts):7.1f} ms  min {1e3 * min(ts):7.1f}  "
@@ -62,7 +50,7 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = sum(_times(step, 2))
+        wall = sum(time_steps(step, 2, dev))
     events = prof.key_averages()
     busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"profiled 2 steps: wall {1e3 * wall:.1f} ms, GPU kernels {busy / 1e3:.1f} ms "

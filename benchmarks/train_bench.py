@@ -13,7 +13,7 @@ SLIMTUNE_FUSED_LAYERS=rmsnorm,rope python benchmarks/train_bench.py --fused-laye
 --offload adds a slimtune row with the checkpointed layer inputs offloaded to pinned host memory
 ("st-offload", train.offload_checkpoints) to each workload, with its ratios to the baseline.
 --repeats 2 measures every row twice, the order of the libraries reversed in the second round, and
-keeps each side's fastest round (run-to-run spread on one H200 was up to ~15%).
+keeps each side's fastest round (slimtune's rounds differed by up to 23% on one H200).
 On a machine without CUDA the rows run on CPU (tiny workloads only; with SLIMTUNE_FAST_PATH=on
 TRITON_INTERPRET=1 the Triton kernels run under the interpreter: a smoke test).
 """

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
     layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
     """
     row = Measurement(work.name, library)
+    if offload and not library_is_slimtune(row):
+        raise ValueError(f"offload is slimtune's (train.offload_checkpoints); the baseline {library!r} has no such switch")
     try:
         _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload)
     except torch.OutOfMemoryError:
@@ -124,8 +127,6 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, seq_len), generator=gen).to(device)
 
-    if offload and not library_is_slimtune(row):
-        raise ValueError("offload is slimtune's (train.offload_checkpoints); the baseline has no such switch")
     saving = offload_saved_tensors if offload else nullcontext
 
     def step() -> torch.Tensor:
@@ -144,16 +145,24 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     for _ in range(warmup - 1):
         step()
     n = max(1, min(steps, int(max_step_seconds // max(first, 1e-3)))) if first > 1 else steps
-    for _ in range(n):  # each step timed alone: the median is robust to one slow step (GC, allocator)
-        _sync(device)
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        row.step_times.append(time.perf_counter() - t0)
+    row.step_times = time_steps(step, n, device)
     row.step_s = statistics.median(row.step_times)
     row.steps = n
     row.tokens_per_s = work.batch * seq_len / row.step_s
     row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def time_steps(step: Callable[[], object], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of n calls of step(), each timed alone between device syncs (so a median over
+    them is robust to one slow step: GC, allocator growth, host jitter)."""
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def library_is_slimtune(row: Measurement) -> bool:

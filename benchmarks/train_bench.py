@@ -10,6 +10,8 @@ those (SLIMTUNE_FUSED_LAYERS=off; fused LoRA, Triton dequantization and chunked 
 adds a slimtune row without them ("st-nofuse") beside each workload, measured in the same process,
 and prints what they add. To measure one of the three, set it in the environment:
 SLIMTUNE_FUSED_LAYERS=rmsnorm,rope python benchmarks/train_bench.py --fused-layers both.
+--kbit adds, for 4-bit workloads, the QLoRA tutorial recipe as a second baseline ("peft+bnb-kbit": peft's
+prepare_model_for_kbit_training, which upcasts norms, embeddings and head to fp32).
 --offload adds a slimtune row with the checkpointed layer inputs offloaded to pinned host memory
 ("st-offload", train.offload_checkpoints) to each workload, with its ratios to the baseline.
 --repeats 2 measures every row twice, the order of the libraries reversed in the second round, and
@@ -39,7 +41,8 @@ def _run(args: argparse.Namespace, fused: bool, baseline: bool) -> BenchReport:
         return run_bench(args.workloads, seq_len=args.seq_len, warmup=args.warmup, steps=args.steps,
                          baseline=baseline, skip_baseline=tuple(args.skip_baseline),
                          max_step_seconds=args.max_step_seconds, offload=baseline and args.offload,
-                         repeats=args.repeats)
+                         repeats=args.repeats, kbit_baseline=baseline and args.kbit,
+                         cuda_graph=baseline and args.graph)
     finally:
         if before is None:
             os.environ.pop(ENV_FLAG, None)
@@ -93,6 +96,10 @@ if __name__ == "__main__":
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per workload, library order alternating; each side's fastest round is kept")
     p.add_argument("--offload", action="store_true", help="also a slimtune row with checkpoint offload")
+    p.add_argument("--graph", action="store_true",
+                   help="also a slimtune row with forward + backward replayed as a CUDA graph (st-graph)")
+    p.add_argument("--kbit", action="store_true",
+                   help="4-bit workloads: also a peft+bnb row with peft's prepare_model_for_kbit_training")
     p.add_argument("--json")
     args = p.parse_args()
     report = _run(args, fused=args.fused_layers != "off", baseline=True)

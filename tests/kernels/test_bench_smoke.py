@@ -68,3 +68,25 @@ def test_offload_is_refused_for_the_baseline():
 
     with pytest.raises(ValueError, match="baseline"):
         measure(WORKLOADS["tiny-lora-b2"], "peft", torch.device("cpu"), torch.float32, 16, 1, 1, offload=True)
+
+
+def test_kbit_baseline_row():
+    """--kbit: the tutorial recipe (peft's prepare_model_for_kbit_training) as a second 4-bit baseline; its
+    fp32 upcast of embeddings, norms and head shows in the model's memory, and the ratios name it."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from slimtune.bench.run import KBIT
+
+    calls = []
+    real = peft.prepare_model_for_kbit_training
+    peft.prepare_model_for_kbit_training = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        report = run_bench(["tiny-qlora-b2"], device="cpu", seq_len=16, warmup=1, steps=1, verbose=False,
+                           kbit_baseline=True)
+    finally:
+        peft.prepare_model_for_kbit_training = real
+    assert [r.library for r in report.rows] == ["slimtune", "peft+bnb", KBIT] and calls == [1]
+    assert all(r.status == "ok" for r in report.rows)
+    assert report.rows[2].loss == pytest.approx(report.rows[0].loss, rel=1e-3)
+    assert report.ratio("tiny-qlora-b2", KBIT)["speedup"] > 0
+    assert KBIT in format_table(report)

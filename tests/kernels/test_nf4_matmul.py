@@ -30,6 +30,8 @@ CASES = [
     (3, 8, 72, "fp4", True, torch.float16, dict(BLOCK_N=2, BLOCK_KW=16, BLOCK_M=2)),
     (16, 6, 136, "nf4", True, torch.float16, dict(BLOCK_N=4, BLOCK_KW=16, BLOCK_M=4, SPLIT_K=2)),
     (16, 5, 64, "fp4", False, torch.bfloat16, dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_M=4)),
+    (2, 7, 328, "nf4", True, torch.bfloat16, dict(BLOCK_N=2, BLOCK_KW=16, BLOCK_M=2, PREFETCH=False)),
+    (1, 5, 456, "nf4", True, torch.float16, dict(BLOCK_N=4, BLOCK_KW=8, SPLIT_K=4, PREFETCH=True)),
 ]
 
 
@@ -61,8 +63,21 @@ def test_cached_scales_and_leading_dims(kernel_device):
     assert _rel(out, matmul_4bit_reference(x.double(), packed, state)) < 1e-3
 
 
+def _half_bits(bits: int, dtype: torch.dtype) -> float:
+    return torch.tensor([bits & 0xFFFF], dtype=torch.int32).to(torch.int16).view(dtype).item()
+
+
+def _to_half_bits(value: float, dtype: torch.dtype) -> int:
+    return torch.tensor([value], dtype=torch.float64).to(dtype).view(torch.int16).item() & 0xFFFF
+
+
+def _f32(bits: int) -> float:
+    return torch.tensor([bits & 0xFFFFFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
 def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
-    """Execute the and/shl/shr/prmt/lop3 lines of `asm` on 32-bit Python ints (PTX semantics)."""
+    """Execute the lines of `asm` on 32-bit Python ints with PTX semantics: and/shl/shr/prmt/lop3/mov, and
+    fma.rn.{bf16x2,f16x2}, add.f32, cvt.f32.f16 through torch's roundings."""
     def val(tok: str) -> int:
         return int(tok, 0) if tok[0].isdigit() else regs[tok]
 
@@ -78,6 +93,13 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
     def lop3(a: int, b: int, c: int, lut: int) -> int:
         return sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i for i in range(32))
 
+    def fma2(a: int, b: int, c: int, dtype: torch.dtype) -> int:
+        out = 0
+        for half in range(2):  # exact product and sum, one rounding, per half
+            v = [_half_bits(r >> 16 * half, dtype) for r in (a, b, c)]
+            out |= _to_half_bits(v[0] * v[1] + v[2], dtype) << 16 * half
+        return out
+
     for line in asm.splitlines():
         op, _, rest = line.strip().rstrip(";").partition(" ")
         args = [a.strip() for a in rest.split(",")]
@@ -91,9 +113,31 @@ def _run_ptx(asm: str, regs: dict[str, int]) -> dict[str, int]:
             regs[args[0]] = prmt(val(args[1]), val(args[2]), val(args[3]))
         elif op == "lop3.b32":
             regs[args[0]] = lop3(val(args[1]), val(args[2]), val(args[3]), val(args[4]))
+        elif op == "mov.b32" and args[0].startswith("{"):  # split into halves
+            regs[args[0][1:]], regs[args[1][:-1]] = val(args[2]) & 0xFFFF, val(args[2]) >> 16
+        elif op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            dtype = torch.bfloat16 if "bf16" in op else torch.float16
+            regs[args[0]] = fma2(val(args[1]), val(args[2]), val(args[3]), dtype)
+        elif op == "cvt.f32.f16":
+            regs[args[0]] = torch.tensor([_half_bits(val(args[1]), torch.float16)]).view(torch.int32).item()
+        elif op == "add.f32":
+            total = torch.tensor([_f32(val(args[1]))]) + torch.tensor([_f32(val(args[2]))])  # fp32 add
+            regs[args[0]] = total.view(torch.int32).item() & 0xFFFFFFFF
         else:
             assert op in ("{", "}", ".reg"), line
     return regs
+
+
+def _nibbles(w: int) -> list[int]:
+    """The 8 codes of an int32 word in k order (byte b: weight 2b high nibble, 2b + 1 low nibble)."""
+    return [(w >> 8 * b + 4 * (1 - h)) & 0xF for b in range(4) for h in range(2)]
+
+
+def _words(n: int) -> list[int]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 2**32, (n,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF]
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -105,14 +149,37 @@ def test_prmt_asm_emulated(quant_type):
     code = get_code(quant_type, torch.device("cpu"))
     table = [int(t) & 0xFFFFFFFF for t in prmt_table(code)]
     expect = code.to(torch.float16)
-    gen = torch.Generator().manual_seed(0)
-    for w in torch.randint(0, 2**32, (300,), generator=gen, dtype=torch.int64).tolist() + [0, 0xFFFFFFFF]:
+    for w in _words(300):
         regs = _run_ptx(_PRMT_ASM.value, {"$4": w, **{f"${5 + i}": t for i, t in enumerate(table)}})
         pairs = torch.tensor([regs[f"${i}"] for i in range(4)], dtype=torch.int64)
         halves = torch.stack([pairs >> 16, pairs & 0xFFFF], 1).reshape(-1)  # weights 0..7 of the word
         got = halves.to(torch.int16).view(torch.float16)
-        nibbles = [(w >> 8 * b + 4 * (1 - h)) & 0xF for b in range(4) for h in range(2)]
-        assert torch.equal(got, expect[nibbles]), hex(w)
+        assert torch.equal(got, expect[_nibbles(w)]), hex(w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_dot_asm_emulated(dtype):
+    """The k-ordered pair lookup and the two-wide dot (Note: the packed dot), run line by line: codes in
+    x's dtype in k order, and the word's dot within the dtype's rounding of the exact one."""
+    from slimtune.kernels.nf4_matmul import _DOT_ASM, _PAIRS_ASM, prmt_table
+    from slimtune.quant.codebooks import get_code
+
+    code = get_code("nf4", torch.device("cpu"))
+    table = [int(t) & 0xFFFFFFFF for t in prmt_table(code, dtype)]
+    gen = torch.Generator().manual_seed(1)
+    for w in _words(60):
+        regs = _run_ptx(_PAIRS_ASM.value, {"$4": w, **{f"${5 + i}": t for i, t in enumerate(table)}})
+        pairs = [regs[f"${i}"] for i in range(4)]
+        got = [_half_bits(p >> 16 * h, dtype) for p in pairs for h in range(2)]
+        assert got == code.to(dtype)[_nibbles(w)].tolist(), hex(w)
+        x = torch.randn(8, generator=gen).to(dtype)
+        xbits = (x.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+        x_pairs = [xbits[2 * i] | xbits[2 * i + 1] << 16 for i in range(4)]
+        regs = _run_ptx(_DOT_ASM[dtype == torch.bfloat16], {f"${1 + i}": r for i, r in enumerate(pairs + x_pairs)})
+        exact = sum(c * v for c, v in zip(got, x.double().tolist(), strict=True))
+        scale = sum(abs(c * v) for c, v in zip(got, x.double().tolist(), strict=True))
+        ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        assert abs(_f32(regs["$0"]) - exact) <= 4 * ulp * scale + 1e-30, hex(w)
 
 
 def test_supports_and_errors():
@@ -151,10 +218,9 @@ def test_gpu_configs(quant_type, double_quant):
     torch.manual_seed(1)
     weight = torch.randn(1000, 1032, dtype=torch.float16, device="cuda")  # ragged N and K
     packed, state = quantize_4bit(weight, quant_type, 64, double_quant)
-    for bm, bn, bkw, warps, sk, prmt in SWEEP_CONFIGS:
-        x = torch.randn(bm * 3, 1032, dtype=torch.float16, device="cuda")
+    for cfg in SWEEP_CONFIGS:
+        x = torch.randn(cfg["BLOCK_M"] * 3, 1032, dtype=torch.float16, device="cuda")
         b = torch.randn(1000, dtype=torch.float16, device="cuda")
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, SPLIT_K=sk, PRMT=prmt)
         out = matmul_4bit_triton(x, packed, state, b, config=cfg)
         assert _rel(out, matmul_4bit_reference(x.double(), packed, state, b.double())) < 1e-3, cfg
 

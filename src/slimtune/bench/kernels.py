@@ -130,17 +130,38 @@ def gemv_rows(shapes=GEMV_SHAPES, ms=(1, 4, 16), sweep: bool = False) -> list[Ke
                 _emit(rows, KernelRow("gemv", label, f"{name} warm", us, nbytes / us / 1e6))
                 us = _time(lambda f=fn, r=rot: f(r()))
                 _emit(rows, KernelRow("gemv", label, f"{name} cold", us, nbytes / us / 1e6))
-            if sweep:
+            if sweep and m <= 4:  # above 4 rows dequant + cuBLAS is routed (nf4_routing.py)
                 rows += _sweep(x, q4, label, w_bytes)
     return rows
 
 
-SWEEP_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_KW, num_warps, SPLIT_K, PRMT)
-    (1, 4, 128, 4, 1, True), (1, 4, 64, 4, 1, True), (1, 2, 128, 4, 1, True), (1, 8, 64, 4, 1, True),
-    (1, 1, 256, 4, 1, True), (1, 4, 128, 8, 1, True), (1, 4, 64, 4, 2, True), (1, 4, 128, 4, 1, False),
-    (4, 4, 64, 4, 1, True), (4, 2, 128, 4, 1, True), (4, 4, 128, 4, 1, True), (4, 8, 64, 4, 1, True),
-    (2, 4, 64, 4, 1, True), (4, 1, 128, 4, 1, True), (4, 2, 128, 4, 1, False),
-)
+def _sweep_configs() -> list[dict]:
+    """Configs of the fused kernel that the sweep times (and tests/kernels runs for parity on the GPU)."""
+    tiles = [  # (BLOCK_M, BLOCK_N, BLOCK_KW, num_warps, SPLIT_K)
+        (1, 4, 128, 4, 1), (1, 2, 128, 4, 1), (1, 8, 64, 4, 1), (1, 1, 256, 4, 1), (1, 4, 64, 4, 1),
+        (1, 2, 256, 4, 1), (1, 4, 256, 8, 1), (1, 8, 128, 8, 1), (1, 4, 128, 4, 2), (1, 1, 512, 4, 1),
+        (1, 2, 64, 2, 1), (1, 4, 32, 1, 1), (1, 16, 32, 4, 1), (1, 8, 32, 2, 1),
+        (4, 4, 64, 4, 1), (4, 2, 128, 4, 1), (4, 4, 128, 4, 1), (4, 8, 64, 4, 1), (2, 4, 64, 4, 1),
+        (4, 1, 128, 4, 1), (4, 2, 64, 2, 1),
+    ]
+    configs = []
+    for bm, bn, bkw, warps, sk in tiles:
+        base = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, SPLIT_K=sk, num_stages=1)
+        configs += [dict(base, PACKED=True, PREFETCH=True), dict(base, PACKED=True, PREFETCH=False),
+                    dict(base, PACKED=False, PREFETCH=True)]
+    configs += [dict(BLOCK_M=1, BLOCK_N=4, BLOCK_KW=128, num_warps=4, SPLIT_K=1, num_stages=1, PACKED=False,
+                     PREFETCH=False),  # the 2026-11-28 kernel
+                dict(BLOCK_M=1, BLOCK_N=4, BLOCK_KW=128, num_warps=4, SPLIT_K=1, num_stages=1, PRMT=False)]
+    return configs
+
+
+SWEEP_CONFIGS = _sweep_configs()
+
+
+def config_name(cfg: dict) -> str:
+    dot = "gather" if cfg.get("PRMT") is False else ("packed" if cfg.get("PACKED", True) else "fp32")
+    return (f"m{cfg['BLOCK_M']} n{cfg['BLOCK_N']} kw{cfg['BLOCK_KW']} w{cfg['num_warps']} sk{cfg['SPLIT_K']} {dot}"
+            f"{' pf' if cfg.get('PREFETCH', True) else ''}")
 
 
 def _sweep(x, q4, label, w_bytes) -> list[KernelRow]:
@@ -148,13 +169,12 @@ def _sweep(x, q4, label, w_bytes) -> list[KernelRow]:
     from slimtune.kernels.nf4_matmul import matmul_4bit_triton
 
     rows = []
-    for bm, bn, bkw, warps, sk, prmt in SWEEP_CONFIGS:
-        if (bm == 1) != (x.shape[0] == 1):
+    for cfg in SWEEP_CONFIGS:
+        if (cfg["BLOCK_M"] == 1) != (x.shape[0] == 1):
             continue
-        for cache in (False, True) if bm == 1 and prmt else (False,):
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KW=bkw, num_warps=warps, SPLIT_K=sk, PRMT=prmt, num_stages=1)
+        for cache in (False, True) if cfg["BLOCK_M"] == 1 and cfg.get("PRMT", True) else (False,):
             us = _time(lambda c=cfg, sc=cache: matmul_4bit_triton(x, *q4(), config=c, scale_cache=sc), rep=10)
-            name = f"m{bm} n{bn} kw{bkw} w{warps} sk{sk}{'' if prmt else ' gather'}{' cache' if cache else ''}"
+            name = config_name(cfg) + (" cache" if cache else "")
             _emit(rows, KernelRow("gemv-sweep", label, name, us, w_bytes / us / 1e6))
     return rows
 

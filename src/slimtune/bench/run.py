@@ -17,11 +17,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from slimtune.bench.models import flops_per_token
-from slimtune.bench.training import Measurement, Workload, measure
+from slimtune.bench.training import KBIT, Measurement, Workload, measure
 
 __all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table"]
 
 OFFLOAD = "st-offload"
+GRAPH = "st-graph"
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("1b-lora-b4", "1b", False, 4),
@@ -45,19 +46,37 @@ class BenchReport:
     versions: dict[str, str]
     settings: dict[str, object] = field(default_factory=dict)
 
-    def ratio(self, workload: str) -> dict[str, float] | None:
-        """slimtune / baseline: tokens/s (speedup) and peak memory; None without both rows ok."""
-        mine = next((r for r in self.rows if r.workload == workload and r.library == "slimtune"), None)
-        base = next((r for r in self.rows if r.workload == workload and r.library != "slimtune"), None)
+    def ratio(self, workload: str, baseline: str | None = None, library: str = "slimtune") -> dict[str, float] | None:
+        """library / baseline: tokens/s (speedup) and peak memory; None without both rows ok.
+
+        baseline: the library of the baseline row, by default the plain one ("peft" or "peft+bnb");
+        library: slimtune's row, or one of its variants (st-offload, st-graph)."""
+        mine = next((r for r in self.rows if r.workload == workload and r.library == library), None)
+        base = next((r for r in self.rows if r.workload == workload and
+                     (r.library == baseline if baseline else r.library in ("peft", "peft+bnb"))), None)
         if not mine or not base or mine.status != "ok" or base.status != "ok":
             return None
         return {"speedup": mine.tokens_per_s / base.tokens_per_s, "memory": mine.peak_gib / max(base.peak_gib, 1e-9),
                 "model_memory": mine.model_gib / max(base.model_gib, 1e-9)}
 
+    def all_ratios(self) -> list[dict[str, object]]:
+        """Every slimtune-side row against every baseline row of its workload."""
+        out = []
+        for mine in self.rows:
+            for base in self.rows:
+                if mine.workload != base.workload or mine.library.startswith("peft") or \
+                        not base.library.startswith("peft"):
+                    continue
+                r = self.ratio(mine.workload, base.library, mine.library)
+                if r is not None:
+                    out.append({"workload": mine.workload, "library": mine.library, "baseline": base.library, **r})
+        return out
+
     def to_json(self) -> str:
         return json.dumps({"card": self.card, "versions": self.versions, "settings": self.settings,
                            "rows": [asdict(r) for r in self.rows],
-                           "ratios": {w: self.ratio(w) for w in dict.fromkeys(r.workload for r in self.rows)}},
+                           "ratios": {w: self.ratio(w) for w in dict.fromkeys(r.workload for r in self.rows)},
+                           "ratios_all": self.all_ratios()},
                           indent=1)
 
 
@@ -77,7 +96,7 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
               seq_len: int = 2048, warmup: int = 2, steps: int = 3, baseline: bool = True,
               skip_baseline: tuple[str, ...] = (), peak_flops: float = 790e12, max_step_seconds: float = 60.0,
               json_path: str | None = None, verbose: bool = True, offload: bool = False,
-              repeats: int = 1) -> BenchReport:
+              repeats: int = 1, kbit_baseline: bool = False, cuda_graph: bool = False) -> BenchReport:
     """Run the workloads for slimtune and (unless baseline=False) peft / peft+bitsandbytes; print the table.
 
     Args:
@@ -93,6 +112,10 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
         repeats: measure each (workload, library) this many times, the order of the libraries reversed
             on every other round (A B, B A, ...), and keep each side's fastest round: the same treatment
             for both sides, so an order effect or a slow round cannot favour either.
+        kbit_baseline: for 4-bit workloads also a row "peft+bnb-kbit": the QLoRA tutorial recipe, with
+            peft's prepare_model_for_kbit_training (fp32 upcast of norms, embeddings and head).
+        cuda_graph: also a row "st-graph": slimtune with forward + backward replayed as a CUDA graph
+            (train/graphs.py), measured in the same rounds.
     """
     names = list(workloads or DEFAULT_WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
@@ -103,19 +126,24 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     report = BenchReport([], card, _versions(), dict(seq_len=seq_len, warmup=warmup, steps=steps, dtype=str(dtype),
                                                       peak_flops=peak_flops, lora="r=16 alpha=16 dropout=0 7 proj",
-                                                      offload=offload, repeats=repeats))
+                                                      offload=offload, repeats=repeats, kbit_baseline=kbit_baseline,
+                                                      cuda_graph=cuda_graph))
     for name in names:
         work = WORKLOADS[name]
         libraries = ["slimtune"]
         if baseline and name not in skip_baseline:
             libraries.append("peft+bnb" if work.quantized else "peft")
+            if kbit_baseline and work.quantized:
+                libraries.append(KBIT)
         if offload:
             libraries.append(OFFLOAD)
+        if cuda_graph:
+            libraries.append(GRAPH)
         best: dict[str, Measurement] = {}
         for round_ in range(max(1, repeats)):
             for library in libraries if round_ % 2 == 0 else libraries[::-1]:
                 row = measure(work, library, dev, dtype, seq_len, warmup, steps, max_step_seconds,
-                              offload=library == OFFLOAD)
+                              offload=library == OFFLOAD, cuda_graph=library == GRAPH)
                 row.mfu = row.tokens_per_s * flops_per_token(work.preset, seq_len) / peak_flops
                 if verbose:
                     print(f"[bench] round {round_ + 1}: {row}", flush=True)
@@ -135,15 +163,18 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
 
 def format_table(report: BenchReport) -> str:
     """A fixed-width text table: one line per (workload, library), ratios on the slimtune line."""
-    head = (f"{'workload':<14} {'library':<9} {'tok/s':>9} {'peak GiB':>9} {'model GiB':>9} {'MFU':>6} "
+    head = (f"{'workload':<14} {'library':<13} {'tok/s':>9} {'peak GiB':>9} {'model GiB':>9} {'MFU':>6} "
             f"{'loss':>6} {'speedup':>8} {'mem x':>6}")
     lines = [f"card: {report.card}  {report.versions}", head, "-" * len(head)]
     for r in report.rows:
         if r.status != "ok":
-            lines.append(f"{r.workload:<14} {r.library:<9} {r.status}")
+            lines.append(f"{r.workload:<14} {r.library:<13} {r.status}")
             continue
-        ratio = report.ratio(r.workload) if r.library == "slimtune" else None
+        # the slimtune line: ratios to the plain baseline; the kbit line: slimtune's ratios to it
+        ratio = report.ratio(r.workload) if r.library == "slimtune" else \
+            report.ratio(r.workload, KBIT) if r.library == KBIT else None
         tail = f" {ratio['speedup']:>7.2f}x {ratio['memory']:>5.2f}x" if ratio else ""
-        lines.append(f"{r.workload:<14} {r.library:<9} {r.tokens_per_s:>9.1f} {r.peak_gib:>9.2f} {r.model_gib:>9.2f} "
+        tail += f"  ({r.note})" if r.note else ""
+        lines.append(f"{r.workload:<14} {r.library:<13} {r.tokens_per_s:>9.1f} {r.peak_gib:>9.2f} {r.model_gib:>9.2f} "
                      f"{100 * r.mfu:>5.1f}% {r.loss:>6.3f}{tail}")
     return "\n".join(lines)

@@ -4,8 +4,10 @@ Both sides get the same random model (same seed), LoRA r=16 alpha=16 dropout 0 o
 projections, gradient checkpointing (non-reentrant), torch AdamW(lr=1e-4) on the adapter weights and
 the same random token batch. slimtune computes its loss with the chunked LM-head cross-entropy
 (kernels/cross_entropy.py) from the last hidden state; the baseline calls model(input_ids, labels=...)
-as peft users do. peft's own prepare_model_for_kbit_training is not called for the baseline: its fp32
-upcast of the norms, embeddings and head would only add memory (see quant/kbit.py, Note: no upcasting).
+as peft users do. The baseline "peft" / "peft+bnb" does not call peft's prepare_model_for_kbit_training:
+its fp32 upcast of the norms, embeddings and head would only add memory (see quant/kbit.py, Note: no
+upcasting), so it is the stronger baseline. "peft+bnb-kbit" is the QLoRA recipe as the tutorials and the
+QLoRA paper's scripts run it: prepare_model_for_kbit_training, then get_peft_model.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import nn
 from slimtune.bench.models import PRESETS, PROJECTIONS, bnb_quantizer, build_llama, slimtune_quantizer
 from slimtune.train.offload import offload_saved_tensors
 
-__all__ = ["Workload", "Measurement", "measure"]
+__all__ = ["Workload", "Measurement", "measure", "KBIT"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Measurement:
     loss: float = 0.0  # loss of the first step (ln(vocab) ~ 11.76 at random init)
     steps: int = 0
     step_times: list[float] = field(default_factory=list)  # seconds of each timed step; step_s is their median
+    note: str = ""  # e.g. why a CUDA-graph row ran eagerly
 
 
 def _memory(device: torch.device) -> int:
@@ -64,12 +67,19 @@ def _wrap_slimtune(model: nn.Module) -> nn.Module:
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
 
 
-def _wrap_peft(model: nn.Module, quantized: bool) -> nn.Module:
+KBIT = "peft+bnb-kbit"
+
+
+def _wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False) -> nn.Module:
     import peft
 
     model.is_loaded_in_4bit = quantized  # what transformers sets; peft dispatches bnb layers on it
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if kbit:  # the tutorial recipe: upcasts every bf16 parameter (norms, embeddings, head) to fp32
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                             gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
                                                       target_modules=list(PROJECTIONS)))
 
@@ -90,17 +100,21 @@ def _peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def measure(work: Workload, library: str, device: torch.device, dtype: torch.dtype, seq_len: int,
             warmup: int, steps: int, max_step_seconds: float = 60.0, seed: int = 0,
-            offload: bool = False) -> Measurement:
+            offload: bool = False, cuda_graph: bool = False) -> Measurement:
     """Build, train and time one (workload, library) pair; frees everything before returning.
 
     offload=True (slimtune only) runs each forward under offload_saved_tensors(): the checkpointed
     layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
+    cuda_graph=True (slimtune only) replays forward + backward as one CUDA graph after the first warmup
+    step (train/graphs.py); the optimizer step stays eager.
     """
     row = Measurement(work.name, library)
-    if offload and not library_is_slimtune(row):
-        raise ValueError(f"offload is slimtune's (train.offload_checkpoints); the baseline {library!r} has no such switch")
+    if (offload or cuda_graph) and not library_is_slimtune(row):
+        raise ValueError(f"offload and cuda_graph are slimtune's; the baseline {library!r} has no such switch")
+    if offload and cuda_graph:
+        raise ValueError("offload and cuda_graph do not combine (host copies inside a graph)")
     try:
-        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload)
+        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload, cuda_graph)
     except torch.OutOfMemoryError:
         row.status = "OOM"
     gc.collect()
@@ -113,14 +127,15 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
 
 
 def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.dtype, seq_len: int,
-           warmup: int, steps: int, max_step_seconds: float, seed: int, offload: bool) -> None:
+           warmup: int, steps: int, max_step_seconds: float, seed: int, offload: bool,
+           cuda_graph: bool = False) -> None:
     base_mem = _memory(device)
     quantizer = None
     if work.quantized:
         quantizer = slimtune_quantizer if library_is_slimtune(row) else bnb_quantizer
     model = build_llama(work.preset, device, dtype, quantizer, seed=seed, max_positions=max(seq_len, 64))
     row.model_gib = (_memory(device) - base_mem) / 2**30
-    model = _wrap_slimtune(model) if library_is_slimtune(row) else _wrap_peft(model, work.quantized)
+    model = _wrap_slimtune(model) if library_is_slimtune(row) else _wrap_peft(model, work.quantized, row.library == KBIT)
     model.train()
     loss_fn = _slimtune_loss if library_is_slimtune(row) else _peft_loss
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -137,6 +152,17 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    if cuda_graph and device.type == "cuda":
+        from slimtune.train.graphs import GraphedBackward
+
+        graphed = GraphedBackward(lambda: loss_fn(model, ids), [p for p in model.parameters() if p.requires_grad])
+
+        def step() -> torch.Tensor:  # noqa: F811 - the graphed variant of the step above
+            loss = graphed()
+            opt.step()
+            graphed.zero_grad(opt)
+            return loss
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -150,6 +176,9 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     row.steps = n
     row.tokens_per_s = work.batch * seq_len / row.step_s
     row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if cuda_graph:
+        reason = graphed.reason if device.type == "cuda" else "no CUDA"
+        row.note = "graph replayed" if reason is None and graphed.captured else f"eager: {reason}"
 
 
 def time_steps(step: Callable[[], object], n: int, device: torch.device) -> list[float]:

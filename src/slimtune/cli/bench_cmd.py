@@ -22,6 +22,8 @@ def bench_command(
     device: Annotated[str | None, typer.Option("--device", help="cuda (default when present) or cpu "
                                                "(a smoke run on a tiny shape; its numbers mean nothing).")] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    kbit: Annotated[bool, typer.Option("--kbit", help="4-bit workloads: also the QLoRA tutorial recipe as a "
+                                       "baseline (peft's prepare_model_for_kbit_training).")] = False,
 ) -> None:
     """Measure tokens/s, peak memory and MFU of slimtune and the baseline, and print their ratios."""
     from slimtune.cli.main import _guarded
@@ -30,6 +32,6 @@ def bench_command(
         from slimtune.bench import run_bench
 
         run_bench(workloads or None, device=device, seq_len=seq_len, warmup=warmup, steps=steps,
-                  baseline=baseline, json_path=json_path)
+                  baseline=baseline, json_path=json_path, kbit_baseline=kbit)
 
     _guarded(body)

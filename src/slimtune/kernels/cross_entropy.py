@@ -5,7 +5,8 @@
 equals `cross_entropy_reference`: F.cross_entropy((hidden @ weight.T).float(), labels, reduction="sum"),
 the way transformers computes it (logits in the compute dtype, upcast to fp32), but only `chunk`
 rows of logits exist at any time. For a 128k vocabulary the full fp32 logits of 8192 tokens are
-4.2 GB (plus their bf16 copy and the gradient); chunked, 512 rows cost 0.4 GB.
+4.2 GB (plus their bf16 copy and the gradient); chunked, 523 rows cost 134 MB in bf16, and the
+gradient is taken in the same pass (Note: the gradient in the forward).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chunked_linear_cross_entropy", "cross_entropy_reference", "default_chunk"]
+__all__ = ["chunked_linear_cross_entropy", "cross_entropy_reference", "ce_rows_reference", "default_chunk"]
 
 
 def default_chunk(vocab_size: int) -> int:
@@ -38,48 +39,81 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dL/dz = g (P - Y) * valid            g = the incoming gradient of L (a scalar)
         dH = (dL/dz) W       (N, V) @ (V, C)
         dW = (dL/dz)^T H     (V, N) @ (N, C)
-    Forward keeps only H, W and the labels; backward recomputes z chunk by chunk (one more
-    H W^T matmul: ~1/3 of the head's cost) instead of storing N x V probabilities.
+    L is a scalar and the last op of the step, so the forward computes the gradient for g = 1 at once,
+    chunk by chunk (Note: the gradient in the forward), and backward only scales it by g.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                ignore_index: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                ignore_index: int, chunk: int, need_h: bool, need_w: bool) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for start in range(0, hidden.shape[0], chunk):
-            logits = (hidden[start:start + chunk] @ weight.T).float()  # (c, V)
-            target = labels[start:start + chunk]
-            total += F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-            del logits
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.ignore_index, ctx.chunk = ignore_index, chunk
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = _row_kernel(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk]  # (c, C)
+                logits = h @ weight.T  # (c, V) in the compute dtype, as transformers' head gives them
+                total += rows(logits, labels[start:start + chunk], ignore_index, need_h or need_w).sum()
+                # logits now hold dL/dz of the chunk (for g = 1)
+                if need_h:
+                    torch.mm(logits, weight, out=grad_h[start:start + chunk])
+                if need_w:
+                    grad_w += (logits.T @ h).float()
+                del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         n_tokens = (labels != ignore_index).sum()
         ctx.mark_non_differentiable(n_tokens)
         return total, n_tokens
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, _grad_n: Any) -> tuple[Any, ...]:
-        hidden, weight, labels = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[start:start + ctx.chunk]  # (c, C)
-            target = labels[start:start + ctx.chunk]
-            valid = target != ctx.ignore_index
-            grad_z = torch.softmax((h @ weight.T).float(), dim=-1)  # (c, V) fp32: P
-            rows = torch.arange(target.shape[0], device=target.device)
-            grad_z[rows, target.clamp(min=0)] -= 1.0  # P - Y
-            grad_z *= (valid.float() * grad_total).unsqueeze(1)
-            grad_z = grad_z.to(hidden.dtype)
-            if need_h:
-                grad_h[start:start + ctx.chunk] = grad_z @ weight
-            if need_w:
-                grad_w += (grad_z.T @ h).float()
-            del grad_z
+        grad_h, grad_w = ctx.saved_tensors
+        if grad_h is not None:
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+            grad_w = (grad_w * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+# Note: the gradient in the forward
+# The loss is a sum over tokens and nothing follows it but a scale (1 / tokens, the loss scaler), so
+# dL/dz of a chunk is known as soon as its logits are: softmax(z) - onehot(label). The forward writes it
+# over the chunk's logits (kernels/ce_rows.py: one read for the row max and sum, one read + write for
+# the gradient) and multiplies it into dH = (dL/dz) W right away. Against recomputing the logits in
+# backward this saves one (c, C) @ (C, V) matmul per chunk (a third of the head's FLOPs), the fp32 copy
+# of the logits, and a log_softmax and a softmax pass; what stays alive until backward is dH (N, C), the
+# size of the hidden states that were kept before. Rounding: dL/dz is rounded to the compute dtype before
+# the matmul, and g multiplies dH afterwards (before: (P - Y) g rounded, then the matmul).
+
+
+def _row_kernel(hidden: torch.Tensor) -> Any:
+    """ce_rows_ (Triton on CUDA), or the torch reference where Triton does not run."""
+    from slimtune.kernels.dispatch import use_triton
+
+    if use_triton(hidden):
+        from slimtune.kernels.ce_rows import ce_rows_
+
+        return ce_rows_
+    return ce_rows_reference
+
+
+def ce_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Row losses (c,) fp32 of logits (c, V); with write_grad the logits become dloss/dlogits: fp32
+    log-softmax, the gradient rounded once to logits' dtype. The reference of kernels/ce_rows.py, and
+    what runs where Triton does not."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    valid = labels != ignore_index
+    index = torch.where(valid, labels, 0).unsqueeze(1)
+    loss = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0.0)
+    if write_grad:
+        grad = torch.exp_(z.sub_(lse.unsqueeze(1)))  # softmax, in z's memory (logits' own when fp32)
+        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
+        grad.mul_(valid.unsqueeze(1))
+        logits.copy_(grad)
+    return loss
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -103,4 +137,6 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     chunk = chunk or default_chunk(weight.shape[0])
     if chunk < 1:
         raise ValueError(f"chunked_linear_cross_entropy: chunk must be >= 1, got {chunk}")
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk)
+    grad = torch.is_grad_enabled()
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk,
+                                            grad and hidden.requires_grad, grad and weight.requires_grad)

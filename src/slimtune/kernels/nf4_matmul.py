@@ -99,6 +99,75 @@ prmt.b32 $3, lo, hi, 0x7362;
 }""")
 
 
+# The same lookup with the pairs in k order (weight 2i in the low half, 2i + 1 in the high half, as x's
+# bf16/fp16 pairs lie in memory), for the packed dot below.
+_PAIRS_ASM = tl.constexpr(_PRMT_ASM.value.replace("0x5140", "0x4051").replace("0x7362", "0x6273"))
+
+# Note: the packed dot
+# With PACKED the 8 products of a word run as 4 two-wide fused multiply-adds in x's dtype (fma.rn.bf16x2
+# or .f16x2: both halves at once), accumulating the 4 pairs per half, and only the two half-sums are
+# widened to fp32 and added: 4 + 3 instructions per word where the fp32 path converts 8 codes and 8
+# inputs and runs 8 fp32 FMAs. The word's partial sum is rounded to x's dtype after each of its 4 steps
+# (bf16: ~3e-3 relative error on a 4096-long dot, measured in an emulation; the fp32 path ~2e-4,
+# bitsandbytes' bf16 GEMV, which rounds each weight and each product to bf16, ~2e-3). Across words the
+# kernel accumulates in fp32. The codebook is rounded to x's dtype (prmt_table(code, dtype)).
+_DOT_ASM = {
+    True: """{
+.reg .b32 z, acc, lo, hi;
+mov.b32 z, 0;
+fma.rn.bf16x2 acc, $1, $5, z;
+fma.rn.bf16x2 acc, $2, $6, acc;
+fma.rn.bf16x2 acc, $3, $7, acc;
+fma.rn.bf16x2 acc, $4, $8, acc;
+shl.b32 lo, acc, 16;
+and.b32 hi, acc, 0xFFFF0000;
+add.f32 $0, lo, hi;
+}""",
+    False: """{
+.reg .b32 z, acc;
+.reg .b16 l16, h16;
+.reg .f32 lo, hi;
+mov.b32 z, 0;
+fma.rn.f16x2 acc, $1, $5, z;
+fma.rn.f16x2 acc, $2, $6, acc;
+fma.rn.f16x2 acc, $3, $7, acc;
+fma.rn.f16x2 acc, $4, $8, acc;
+mov.b32 {l16, h16}, acc;
+cvt.f32.f16 lo, l16;
+cvt.f32.f16 hi, h16;
+add.f32 $0, lo, hi;
+}""",
+}
+_DOT_BF16 = tl.constexpr(_DOT_ASM[True])
+_DOT_F16 = tl.constexpr(_DOT_ASM[False])
+
+
+@triton.jit
+def _code_pairs(words, tab_ptr):
+    """The 8 codes of each word as 4 int32 pairs in k order, in the dtype of the table (x's)."""
+    zero = words * 0
+    return tl.inline_asm_elementwise(
+        _PAIRS_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+        [words, zero + tl.load(tab_ptr), zero + tl.load(tab_ptr + 1), zero + tl.load(tab_ptr + 2),
+         zero + tl.load(tab_ptr + 3), zero + tl.load(tab_ptr + 4), zero + tl.load(tab_ptr + 5),
+         zero + tl.load(tab_ptr + 6), zero + tl.load(tab_ptr + 7)],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _row_dot_packed(p, x_ptr, off, mask, X_BF16: tl.constexpr):
+    """_row_dot with the products in x's dtype, two at a time; see Note: the packed dot."""
+    lo = tl.load(x_ptr + off, mask=mask, other=0)  # int64: x values 0-3 of each word
+    hi = tl.load(x_ptr + off + 1, mask=mask, other=0)  # values 4-7
+    args = [p[0], p[1], p[2], p[3], lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32),
+            (hi >> 32).to(tl.int32)]
+    if X_BF16:
+        d = tl.inline_asm_elementwise(_DOT_BF16, "=r,r,r,r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        d = tl.inline_asm_elementwise(_DOT_F16, "=r,r,r,r,r,r,r,r,r", args, dtype=tl.int32, is_pure=True, pack=1)
+    return d.to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _codes_prmt(words, tab_ptr):
     """Same as `_codes` with fp16-rounded codes, looked up in registers; see Note: codebook lookup in
@@ -159,14 +228,38 @@ def _store_row(out_ptr, bias_ptr, acc, m, M, rn, n_mask, stride_om, HAS_BIAS: tl
 
 
 @triton.jit
+def _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word, n_mask, kw, KW,
+               WPB: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The (BN, BKW) words at word columns kw of the rows, and their fp32 scales."""
+    word_idx = row_word[:, None] + kw[None, :]  # (BN, BKW)
+    w_mask = n_mask[:, None] & (kw < KW)[None, :]
+    words = tl.load(words_ptr + word_idx, mask=w_mask, other=0)
+    absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, word_idx // WPB, w_mask,
+                         NESTED, NESTED_BLOCKSIZE)
+    return words, absmax
+
+
+@triton.jit
+def _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off, mask, PRMT: tl.constexpr, PACKED: tl.constexpr,
+              X_BF16: tl.constexpr):
+    if PACKED:
+        return _row_dot_packed(_code_pairs(words, tab_ptr), x_ptr, x_off, mask, X_BF16)
+    elif PRMT:
+        return _row_dot(_codes_prmt(words, tab_ptr), x_ptr, x_off, mask, X_BF16)
+    else:
+        return _row_dot(_codes(words, code_ptr), x_ptr, x_off, mask, X_BF16)
+
+
+@triton.jit
 def _gemv4_kernel(x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, tab_ptr, bias_ptr,
-                  out_ptr, M, N, KW, stride_xm, stride_om, PRMT: tl.constexpr,
-                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
+                  out_ptr, M, N, KW, stride_xm, stride_om, PRMT: tl.constexpr, PACKED: tl.constexpr,
+                  PREFETCH: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                  NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
     """See Note: the decode GEMV layout. x_ptr is x viewed as int64 (stride_xm in int64 units), KW = K / 8;
     out is (M, N) in x's dtype, or fp32 zeros when SPLIT_K > 1."""
     WPB: tl.constexpr = BLOCKSIZE // 8  # words per absmax block
+    STEP: tl.constexpr = BLOCK_KW * SPLIT_K
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -181,25 +274,34 @@ def _gemv4_kernel(x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_p
     acc1 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    for kw0 in range(pid_k * BLOCK_KW, KW, BLOCK_KW * SPLIT_K):
+    # PREFETCH: the next step's words and scales are loaded before this step's arithmetic (by hand: the
+    # pipeliner does not move loads that feed no tl.dot), so their latency overlaps it.
+    first = KW
+    if not PREFETCH:
+        first = 0  # all masked: no load
+    words, absmax = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word, n_mask,
+                               pid_k * BLOCK_KW + j, first, WPB, NESTED, NESTED_BLOCKSIZE)
+    for kw0 in range(pid_k * BLOCK_KW, KW, STEP):
         kw = kw0 + j  # (BKW,) word index inside the row
-        word_idx = row_word[:, None] + kw[None, :]  # (BN, BKW)
-        k_ok = (kw < KW)[None, :]
-        w_mask = n_mask[:, None] & k_ok
-        words = tl.load(words_ptr + word_idx, mask=w_mask, other=0)
-        absmax = load_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, word_idx // WPB, w_mask,
-                             NESTED, NESTED_BLOCKSIZE)  # (BN, BKW) fp32
-        if PRMT:
-            c = _codes_prmt(words, tab_ptr)
+        if PREFETCH:
+            cur_w, cur_a = words, absmax
+            words, absmax = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word,
+                                       n_mask, kw + STEP, KW, WPB, NESTED, NESTED_BLOCKSIZE)
         else:
-            c = _codes(words, code_ptr)
+            cur_w, cur_a = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word,
+                                      n_mask, kw, KW, WPB, NESTED, NESTED_BLOCKSIZE)
+        k_ok = (kw < KW)[None, :]
         x_off = x_rows + (kw * 2)[None, :] + m0 * stride_xm  # (BN, BKW) int64 index of row m0
-        acc0 += _row_dot(c, x_ptr, x_off, k_ok & (x_rows + m0 < M), X_BF16) * absmax
+        acc0 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off, k_ok & (x_rows + m0 < M), PRMT, PACKED,
+                          X_BF16) * cur_a
         if BLOCK_M > 1:
-            acc1 += _row_dot(c, x_ptr, x_off + stride_xm, k_ok & (x_rows + m0 + 1 < M), X_BF16) * absmax
+            acc1 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + stride_xm, k_ok & (x_rows + m0 + 1 < M),
+                              PRMT, PACKED, X_BF16) * cur_a
         if BLOCK_M > 2:
-            acc2 += _row_dot(c, x_ptr, x_off + 2 * stride_xm, k_ok & (x_rows + m0 + 2 < M), X_BF16) * absmax
-            acc3 += _row_dot(c, x_ptr, x_off + 3 * stride_xm, k_ok & (x_rows + m0 + 3 < M), X_BF16) * absmax
+            acc2 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + 2 * stride_xm,
+                              k_ok & (x_rows + m0 + 2 < M), PRMT, PACKED, X_BF16) * cur_a
+            acc3 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + 3 * stride_xm,
+                              k_ok & (x_rows + m0 + 3 < M), PRMT, PACKED, X_BF16) * cur_a
     _store_row(out_ptr, bias_ptr, acc0, m0, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
     if BLOCK_M > 1:
         _store_row(out_ptr, bias_ptr, acc1, m0 + 1, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
@@ -244,25 +346,25 @@ def _cached_scales(state: QuantState) -> torch.Tensor:
     return scales
 
 
-def prmt_table(code: torch.Tensor) -> torch.Tensor:
-    """(16,) codebook -> (8,) int32: low bytes then high bytes of the fp16 codes, 4 per word, code 0 in
-    the lowest byte; see Note: codebook lookup in registers (PRMT)."""
-    h = code.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF  # (16,)
+def prmt_table(code: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """(16,) codebook -> (8,) int32: low bytes then high bytes of the codes rounded to `dtype` (fp16 or
+    bf16), 4 per word, code 0 in the lowest byte; see Note: codebook lookup in registers (PRMT)."""
+    h = code.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF  # (16,)
     nbytes = torch.cat([h & 0xFF, h >> 8]).view(8, 4)  # (8 words, 4 bytes)
     # no host tensor here: the first call may happen inside CUDA-graph capture
     words = (nbytes << (torch.arange(4, device=code.device) * 8)).sum(1)
     return (words - ((words >> 31) << 32)).to(torch.int32)  # as signed 32-bit
 
 
-_TABLES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+_TABLES: dict[tuple[int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = {}
 
 
-def _prmt_table(state: QuantState) -> torch.Tensor:
-    hit = _TABLES.get(id(state))
+def _prmt_table(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    key = (id(state), dtype)
+    hit = _TABLES.get(key)
     if hit is not None and hit[0]() is state:
         return hit[1]
-    key = id(state)
-    table = prmt_table(state.code)
+    table = prmt_table(state.code, dtype)
     _TABLES[key] = (weakref.ref(state, lambda _: _TABLES.pop(key, None)), table)
     return table
 
@@ -294,14 +396,17 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         scale_args = absmax_args(state)
     words = packed.reshape(-1).view(torch.uint8).view(torch.int32)
     prmt = cfg.pop("PRMT", x.is_cuda)  # inline PTX: not under the CPU interpreter
-    tab = _prmt_table(state) if prmt else words
+    packed_dot = cfg.pop("PACKED", prmt) and prmt
+    prefetch = cfg.pop("PREFETCH", True)
+    tab = _prmt_table(state, x.dtype if packed_dot else torch.float16) if prmt else words
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, block_m))
     _gemv4_kernel[grid](
         x2.view(torch.int64) if x2.numel() else x2, words, *scale_args, state.code.float(), tab, bias if bias is not None else out, out,
         m, n, k // 8, x2.stride(0) // 4, out.stride(0),
         BLOCKSIZE=state.blocksize, NESTED=nested,
         NESTED_BLOCKSIZE=state.state2.blocksize if state.state2 is not None else 256,
-        HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16, PRMT=prmt, BLOCK_M=block_m, SPLIT_K=split_k, **cfg,
+        HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16, PRMT=prmt,
+        PACKED=packed_dot, PREFETCH=prefetch, BLOCK_M=block_m, SPLIT_K=split_k, **cfg,
     )
     if split_k > 1:
         if bias is not None:

@@ -12,6 +12,7 @@ judged against the bf16 gap itself: "within bf16 noise" = max |fast - ref| <= 1.
 
     python benchmarks/loss_parity.py --assets .gpu_assets/smollm2-135m            # GPU, 200 steps
     python benchmarks/loss_parity.py --assets DIR --dry-run                        # CPU, tiny shape, 3 steps
+    python benchmarks/loss_parity.py --reuse benchmarks/results/loss_parity_h200_2026-11-29.json   # fast only
 
 --assets is a folder with SmolLM2's config.json and tokenizer files (tokenizer.json, tokenizer_config.json,
 chat_template.jinja; 3.5 MB, git-ignored, carried to the GPU machine). Expected GPU runtime: ~90 s on
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--dry-run", action="store_true", help="tiny shape on CPU, 3 steps: checks the script")
     p.add_argument("--json", type=Path, help="also write the rows and curves here")
+    p.add_argument("--reuse", type=Path, help="take the ref and fp32 curves from this earlier --json (same "
+                   "settings and machine): only the fast path runs, e.g. after a fast-path change")
     args = p.parse_args(argv)
     if not (args.assets / "config.json").is_file():
         raise SystemExit(f"--assets {args.assets}: no config.json there (copy SmolLM2's config and tokenizer files)")
@@ -110,12 +113,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     fast = "auto" if cuda else "on"  # auto is the shipped default; on CPU only "on" takes the fast path
     rows, curves = [], {}
+    reused = json.loads(args.reuse.read_text())["curves"] if args.reuse else {}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(args.assets, Path(tmp) / "model", args.seed, args.dry_run)
         for method in args.methods:
             runs = {}
             for name, precision, mode in (("fast", "bf16", fast), ("ref", "bf16", "off"), ("fp32", "fp32", "off")):
-                runs[name] = run_curve(model_dir, method, precision, mode, args, Path(tmp) / f"{method}-{name}")
+                if name != "fast" and f"{method}-{name}" in reused:
+                    runs[name] = reused[f"{method}-{name}"][: args.steps], float("nan")
+                else:
+                    runs[name] = run_curve(model_dir, method, precision, mode, args, Path(tmp) / f"{method}-{name}")
                 curves[f"{method}-{name}"] = runs[name][0]
                 losses, seconds = runs[name]
                 print(f"[parity] {method}-{name}: {len(losses)} steps in {seconds:.1f} s, first {losses[0]:.4f}, "

@@ -30,20 +30,20 @@ CASES = [
     (3, 8, 72, "fp4", True, torch.float16, dict(BLOCK_N=2, BLOCK_KW=16, BLOCK_M=2)),
     (16, 6, 136, "nf4", True, torch.float16, dict(BLOCK_N=4, BLOCK_KW=16, BLOCK_M=4, SPLIT_K=2)),
     (16, 5, 64, "fp4", False, torch.bfloat16, dict(BLOCK_N=8, BLOCK_KW=8, BLOCK_M=4)),
-    (2, 7, 328, "nf4", True, torch.bfloat16, dict(BLOCK_N=2, BLOCK_KW=16, BLOCK_M=2, PREFETCH=False)),
-    (1, 5, 456, "nf4", True, torch.float16, dict(BLOCK_N=4, BLOCK_KW=8, SPLIT_K=4, PREFETCH=True)),
+    (2, 7, 328, "nf4", True, torch.bfloat16, dict(BLOCK_N=2, BLOCK_KW=16, BLOCK_M=2)),
+    (1, 5, 456, "nf4", True, torch.float16, dict(BLOCK_N=4, BLOCK_KW=8, SPLIT_K=4)),
 ]
 
 
 @pytest.mark.parametrize("m,n,k,quant_type,double_quant,dtype,config", CASES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(m, n, k, quant_type, double_quant, dtype, config, bias, kernel_device):
+@pytest.mark.parametrize("bias,scale_cache", [(False, True), (True, False)])
+def test_matches_reference(m, n, k, quant_type, double_quant, dtype, config, bias, scale_cache, kernel_device):
     torch.manual_seed(m * 100 + n)
     weight = torch.randn(n, k, dtype=dtype, device=kernel_device)
     packed, state = quantize_4bit(weight, quant_type, 64, double_quant)
     x = torch.randn(m, k, dtype=dtype, device=kernel_device)
     b = torch.randn(n, dtype=dtype, device=kernel_device) if bias else None
-    out = matmul_4bit_triton(x, packed, state, b, config=dict(config, num_warps=4))
+    out = matmul_4bit_triton(x, packed, state, b, config=dict(config, num_warps=4), scale_cache=scale_cache)
     ref = matmul_4bit_reference(x.double(), packed, state, None if b is None else b.double())
     assert out.shape == (m, n) and out.dtype == dtype
     assert _rel(out, ref) < _tol(dtype)
@@ -57,7 +57,7 @@ def test_cached_scales_and_leading_dims(kernel_device):
     cfg = dict(BLOCK_N=4, BLOCK_KW=16, BLOCK_M=4, num_warps=4)
     out = matmul_4bit_triton(x, packed, state, config=cfg, scale_cache=True)
     again = matmul_4bit_triton(x, packed, state, config=cfg, scale_cache=True)  # reads the cache
-    plain = matmul_4bit_triton(x, packed, state, config=cfg)
+    plain = matmul_4bit_triton(x, packed, state, config=cfg, scale_cache=False)
     assert out.shape == (2, 3, 8)
     assert torch.equal(out, again) and _rel(out, plain.double()) < 1e-3
     assert _rel(out, matmul_4bit_reference(x.double(), packed, state)) < 1e-3
@@ -141,26 +141,27 @@ def _words(n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_prmt_asm_emulated(quant_type):
-    """The inline PTX codebook lookup, run line by line, gives fp16(code[nibble]) for every weight."""
-    from slimtune.kernels.nf4_matmul import _PRMT_ASM, prmt_table
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prmt_asm_emulated(quant_type, dtype):
+    """The inline PTX codebook lookup, run line by line, gives code[nibble] in `dtype` for every weight of
+    a word, as pairs in k order."""
+    from slimtune.kernels.nf4_matmul import _PAIRS_ASM, prmt_table
     from slimtune.quant.codebooks import get_code
 
     code = get_code(quant_type, torch.device("cpu"))
-    table = [int(t) & 0xFFFFFFFF for t in prmt_table(code)]
-    expect = code.to(torch.float16)
+    table = [int(t) & 0xFFFFFFFF for t in prmt_table(code, dtype)]
+    expect = code.to(dtype)
     for w in _words(300):
-        regs = _run_ptx(_PRMT_ASM.value, {"$4": w, **{f"${5 + i}": t for i, t in enumerate(table)}})
+        regs = _run_ptx(_PAIRS_ASM.value, {"$4": w, **{f"${5 + i}": t for i, t in enumerate(table)}})
         pairs = torch.tensor([regs[f"${i}"] for i in range(4)], dtype=torch.int64)
-        halves = torch.stack([pairs >> 16, pairs & 0xFFFF], 1).reshape(-1)  # weights 0..7 of the word
-        got = halves.to(torch.int16).view(torch.float16)
-        assert torch.equal(got, expect[_nibbles(w)]), hex(w)
+        halves = torch.stack([pairs & 0xFFFF, pairs >> 16], 1).reshape(-1)  # weights 0..7 of the word
+        assert torch.equal(halves.to(torch.int16).view(dtype), expect[_nibbles(w)]), hex(w)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_packed_dot_asm_emulated(dtype):
-    """The k-ordered pair lookup and the two-wide dot (Note: the packed dot), run line by line: codes in
-    x's dtype in k order, and the word's dot within the dtype's rounding of the exact one."""
+    """The two-wide dot (Note: the packed dot), run line by line on looked-up pairs: the word's dot within
+    the dtype's rounding of the exact one."""
     from slimtune.kernels.nf4_matmul import _DOT_ASM, _PAIRS_ASM, prmt_table
     from slimtune.quant.codebooks import get_code
 
@@ -171,7 +172,6 @@ def test_packed_dot_asm_emulated(dtype):
         regs = _run_ptx(_PAIRS_ASM.value, {"$4": w, **{f"${5 + i}": t for i, t in enumerate(table)}})
         pairs = [regs[f"${i}"] for i in range(4)]
         got = [_half_bits(p >> 16 * h, dtype) for p in pairs for h in range(2)]
-        assert got == code.to(dtype)[_nibbles(w)].tolist(), hex(w)
         x = torch.randn(8, generator=gen).to(dtype)
         xbits = (x.view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
         x_pairs = [xbits[2 * i] | xbits[2 * i + 1] << 16 for i in range(4)]
@@ -203,9 +203,10 @@ def test_gpu_llama_shapes(m, n, k):
     packed, state = quantize_4bit(weight, "nf4", 64, True)
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     ref = matmul_4bit_reference(x.double(), packed, state)
-    # the PRMT path multiplies fp16-rounded codes: ~9e-4 relative error on its own (NF4), measured
-    assert _rel(matmul_4bit_triton(x, packed, state), ref) < 5e-3
-    assert _rel(matmul_4bit_triton(x.half(), packed, state, scale_cache=True), ref) < 3e-3
+    # the packed bf16 dot rounds each word's partial sum to bf16: ~3e-3 relative error (Note: the packed dot)
+    assert _rel(matmul_4bit_triton(x, packed, state), ref) < 6e-3
+    assert _rel(matmul_4bit_triton(x, packed, state, scale_cache=False), ref) < 6e-3
+    assert _rel(matmul_4bit_triton(x.half(), packed, state), ref) < 3e-3
     gathered = matmul_4bit_triton(x, packed, state, config=dict(BLOCK_N=4, BLOCK_KW=128, PRMT=False))
     assert _rel(gathered, ref) < 4e-3
 

@@ -14,15 +14,17 @@ row or an absmax block). Byte b of a little-endian word holds weights 2b (high n
 and 2b+1 (low nibble, bits 8b..). A program owns BLOCK_N rows of W and BLOCK_M rows of x, and walks
 K (or its share of K with split-K) BLOCK_KW words at a time:
     words      (BN, BKW)   int32, one coalesced load per row of W
-    codes      8 x (BN, BKW) fp32, code[nibble] of the 8 weights of each word: in registers with
-               PRMT (Note: codebook lookup in registers), or gathered from the 16-entry table
+    codes      the 8 codes of each word: on the GPU 4 x (BN, BKW) int32 pairs in x's dtype, looked up
+               in registers (Note: codebook lookup in registers (PRMT)); under the interpreter
+               8 x (BN, BKW) fp32 gathered from the 16-entry table
     x          2 x (BN, BKW) int64 per row of x: the word's 8 inputs (stride 0 along BN, so that all
                loads of the loop share one layout and Triton inserts no shared-memory conversion)
-    acc_m      (BN, BKW)   += absmax(word) * sum over the 8 weights of code * x[m]
+    acc_m      (BN, BKW)   += scale(word) * sum over the 8 weights of code * x[m]
+               (on the GPU: Note: the packed dot)
 and reduces each acc_m over the words once at the end. The scale is applied per word (a word is
-inside one absmax block); with double quantization it is decoded in the kernel (`load_absmax`), or
-read from a cached fp32 copy (`scale_cache=True`, Note: the cached fp32 scales). Inputs of more than
-BLOCK_M rows run cdiv(M, BLOCK_M) programs per tile, each decoding the tile again.
+inside one absmax block); with double quantization it is read from a cached fp32 copy (default,
+Note: the cached fp32 scales) or decoded in the kernel (`load_absmax`, scale_cache=False). Inputs
+of more than BLOCK_M rows run cdiv(M, BLOCK_M) programs per tile, each decoding the tile again.
 
 The first version fed tl.dot with dequantized (BN, blocksize) tiles and ran 15-20x slower than
 cuBLAS on the bf16 weight (docs/benchmarks.md).
@@ -50,8 +52,7 @@ MAX_ROWS = 16
 def _codes(words, code_ptr):
     """The 8 code values (fp32) of each int32 word, in k order, gathered from the 16-entry table.
 
-    Under the interpreter and as the reference for `_codes_prmt`; on the H200 these gathers cost more
-    than the register lookup (Note: decode routing in nf4_routing.py)."""
+    Under the interpreter, where inline PTX cannot run (Note: codebook lookup in registers (PRMT))."""
     c0 = tl.load(code_ptr + ((words >> 4) & 0xF))
     c1 = tl.load(code_ptr + (words & 0xF))
     c2 = tl.load(code_ptr + ((words >> 12) & 0xF))
@@ -66,14 +67,15 @@ def _codes(words, code_ptr):
 # Note: codebook lookup in registers (PRMT)
 # prmt.b32 d, a, b, sel picks 4 bytes out of the 8 bytes of (a, b), one per 4-bit selector (3 index
 # bits; with the 4th bit set it gives 0xFF or 0x00 from the sign of the picked byte). The codebook,
-# rounded to fp16, is held as 8 registers: the low bytes of codes 0-15 (L0..L3) and their high bytes
-# (H0..H3). For the 4 nibbles of one half-word, s = nibble & 7 looks up codes 0-7 and 8-15 of both
-# byte tables (4 prmt), the nibbles' bit 3 becomes a byte mask m (1 prmt on the sign bits of w and
-# w << 4), one lop3 per table keeps the right half ((m & b) | (~m & a), LUT 0xD8), and two prmt
-# interleave low and high bytes into fp16 pairs. 21 integer instructions per 8 weights, no memory
-# access. The CPU interpreter cannot run PTX: tests/kernels/test_nf4_matmul.py::test_prmt_asm_emulated
-# executes this text instruction by instruction in Python, and the GPU tests run it for real.
-_PRMT_ASM = tl.constexpr("""{
+# rounded to x's dtype (bf16 or fp16), is held as 8 registers: the low bytes of codes 0-15 (L0..L3)
+# and their high bytes (H0..H3). For the 4 nibbles of one half-word, s = nibble & 7 looks up codes 0-7
+# and 8-15 of both byte tables (4 prmt), the nibbles' bit 3 becomes a byte mask m (1 prmt on the sign
+# bits of w and w << 4), one lop3 per table keeps the right half ((m & b) | (~m & a), LUT 0xD8), and
+# two prmt interleave low and high bytes into pairs in k order (weight 2i in the low half, 2i + 1 in
+# the high half, as x's pairs lie in memory). 21 integer instructions per 8 weights, no memory access.
+# The CPU interpreter cannot run PTX: tests/kernels/test_nf4_matmul.py executes this text (and the dot
+# below) instruction by instruction in Python, and the GPU tests run it for real.
+_PAIRS_ASM = tl.constexpr("""{
 .reg .b32 s, t, u, a, b, c, d, m, lo, hi;
 and.b32 s, $4, 0x77777777;
 shl.b32 u, $4, 4;
@@ -84,8 +86,8 @@ prmt.b32 d, $11, $12, s;
 prmt.b32 m, u, $4, 0xD9C8;
 lop3.b32 lo, a, b, m, 0xD8;
 lop3.b32 hi, c, d, m, 0xD8;
-prmt.b32 $0, lo, hi, 0x5140;
-prmt.b32 $1, lo, hi, 0x7362;
+prmt.b32 $0, lo, hi, 0x4051;
+prmt.b32 $1, lo, hi, 0x6273;
 shr.b32 t, s, 16;
 prmt.b32 a, $5, $6, t;
 prmt.b32 b, $7, $8, t;
@@ -94,17 +96,12 @@ prmt.b32 d, $11, $12, t;
 prmt.b32 m, u, $4, 0xFBEA;
 lop3.b32 lo, a, b, m, 0xD8;
 lop3.b32 hi, c, d, m, 0xD8;
-prmt.b32 $2, lo, hi, 0x5140;
-prmt.b32 $3, lo, hi, 0x7362;
+prmt.b32 $2, lo, hi, 0x4051;
+prmt.b32 $3, lo, hi, 0x6273;
 }""")
 
-
-# The same lookup with the pairs in k order (weight 2i in the low half, 2i + 1 in the high half, as x's
-# bf16/fp16 pairs lie in memory), for the packed dot below.
-_PAIRS_ASM = tl.constexpr(_PRMT_ASM.value.replace("0x5140", "0x4051").replace("0x7362", "0x6273"))
-
 # Note: the packed dot
-# With PACKED the 8 products of a word run as 4 two-wide fused multiply-adds in x's dtype (fma.rn.bf16x2
+# On the GPU the 8 products of a word run as 4 two-wide fused multiply-adds in x's dtype (fma.rn.bf16x2
 # or .f16x2: both halves at once), accumulating the 4 pairs per half, and only the two half-sums are
 # widened to fp32 and added: 4 + 3 instructions per word where the fp32 path converts 8 codes and 8
 # inputs and runs 8 fp32 FMAs. The word's partial sum is rounded to x's dtype after each of its 4 steps
@@ -169,23 +166,6 @@ def _row_dot_packed(p, x_ptr, off, mask, X_BF16: tl.constexpr):
 
 
 @triton.jit
-def _codes_prmt(words, tab_ptr):
-    """Same as `_codes` with fp16-rounded codes, looked up in registers; see Note: codebook lookup in
-    registers (PRMT). tab_ptr holds the 8 table words (`_prmt_table`)."""
-    zero = words * 0
-    p0, p1, p2, p3 = tl.inline_asm_elementwise(
-        _PRMT_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
-        [words, zero + tl.load(tab_ptr), zero + tl.load(tab_ptr + 1), zero + tl.load(tab_ptr + 2),
-         zero + tl.load(tab_ptr + 3), zero + tl.load(tab_ptr + 4), zero + tl.load(tab_ptr + 5),
-         zero + tl.load(tab_ptr + 6), zero + tl.load(tab_ptr + 7)],
-        dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
-    # each pair holds weight 2i + 1 (low nibble) in its low half and weight 2i in its high half
-    return (_half_to_f32(p0 >> 16, False), _half_to_f32(p0, False), _half_to_f32(p1 >> 16, False),
-            _half_to_f32(p1, False), _half_to_f32(p2 >> 16, False), _half_to_f32(p2, False),
-            _half_to_f32(p3 >> 16, False), _half_to_f32(p3, False))
-
-
-@triton.jit
 def _half_to_f32(bits, X_BF16: tl.constexpr):
     """fp32 value of the 16-bit float in the low half of int32 `bits`."""
     if X_BF16:
@@ -240,21 +220,17 @@ def _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_wo
 
 
 @triton.jit
-def _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off, mask, PRMT: tl.constexpr, PACKED: tl.constexpr,
-              X_BF16: tl.constexpr):
-    if PACKED:
+def _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off, mask, PRMT: tl.constexpr, X_BF16: tl.constexpr):
+    if PRMT:
         return _row_dot_packed(_code_pairs(words, tab_ptr), x_ptr, x_off, mask, X_BF16)
-    elif PRMT:
-        return _row_dot(_codes_prmt(words, tab_ptr), x_ptr, x_off, mask, X_BF16)
     else:
         return _row_dot(_codes(words, code_ptr), x_ptr, x_off, mask, X_BF16)
 
 
 @triton.jit
 def _gemv4_kernel(x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, tab_ptr, bias_ptr,
-                  out_ptr, M, N, KW, stride_xm, stride_om, PRMT: tl.constexpr, PACKED: tl.constexpr,
-                  PREFETCH: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                  NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
+                  out_ptr, M, N, KW, stride_xm, stride_om, PRMT: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                  NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, X_BF16: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, SPLIT_K: tl.constexpr):
     """See Note: the decode GEMV layout. x_ptr is x viewed as int64 (stride_xm in int64 units), KW = K / 8;
     out is (M, N) in x's dtype, or fp32 zeros when SPLIT_K > 1."""
@@ -274,34 +250,22 @@ def _gemv4_kernel(x_ptr, words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_p
     acc1 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-    # PREFETCH: the next step's words and scales are loaded before this step's arithmetic (by hand: the
-    # pipeliner does not move loads that feed no tl.dot), so their latency overlaps it.
-    first = KW
-    if not PREFETCH:
-        first = 0  # all masked: no load
-    words, absmax = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word, n_mask,
-                               pid_k * BLOCK_KW + j, first, WPB, NESTED, NESTED_BLOCKSIZE)
     for kw0 in range(pid_k * BLOCK_KW, KW, STEP):
         kw = kw0 + j  # (BKW,) word index inside the row
-        if PREFETCH:
-            cur_w, cur_a = words, absmax
-            words, absmax = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word,
-                                       n_mask, kw + STEP, KW, WPB, NESTED, NESTED_BLOCKSIZE)
-        else:
-            cur_w, cur_a = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word,
-                                      n_mask, kw, KW, WPB, NESTED, NESTED_BLOCKSIZE)
+        words, absmax = _load_tile(words_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, row_word, n_mask,
+                                   kw, KW, WPB, NESTED, NESTED_BLOCKSIZE)
         k_ok = (kw < KW)[None, :]
         x_off = x_rows + (kw * 2)[None, :] + m0 * stride_xm  # (BN, BKW) int64 index of row m0
-        acc0 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off, k_ok & (x_rows + m0 < M), PRMT, PACKED,
-                          X_BF16) * cur_a
+        acc0 += _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off, k_ok & (x_rows + m0 < M), PRMT,
+                          X_BF16) * absmax
         if BLOCK_M > 1:
-            acc1 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + stride_xm, k_ok & (x_rows + m0 + 1 < M),
-                              PRMT, PACKED, X_BF16) * cur_a
+            acc1 += _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off + stride_xm, k_ok & (x_rows + m0 + 1 < M),
+                              PRMT, X_BF16) * absmax
         if BLOCK_M > 2:
-            acc2 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + 2 * stride_xm,
-                              k_ok & (x_rows + m0 + 2 < M), PRMT, PACKED, X_BF16) * cur_a
-            acc3 += _word_dot(cur_w, tab_ptr, code_ptr, x_ptr, x_off + 3 * stride_xm,
-                              k_ok & (x_rows + m0 + 3 < M), PRMT, PACKED, X_BF16) * cur_a
+            acc2 += _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off + 2 * stride_xm,
+                              k_ok & (x_rows + m0 + 2 < M), PRMT, X_BF16) * absmax
+            acc3 += _word_dot(words, tab_ptr, code_ptr, x_ptr, x_off + 3 * stride_xm,
+                              k_ok & (x_rows + m0 + 3 < M), PRMT, X_BF16) * absmax
     _store_row(out_ptr, bias_ptr, acc0, m0, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
     if BLOCK_M > 1:
         _store_row(out_ptr, bias_ptr, acc1, m0 + 1, M, rn, n_mask, stride_om, HAS_BIAS, SPLIT_K)
@@ -320,7 +284,7 @@ def supports(x: torch.Tensor, state: QuantState) -> bool:
 
 def pick_config(m: int, n: int, k: int) -> dict[str, int]:
     """Tile sizes for (m, n, k); see Note: decode routing in nf4_routing.py for the measurements."""
-    cfg = dict(BLOCK_M=1, BLOCK_N=4, BLOCK_KW=128) if m == 1 else dict(BLOCK_M=4, BLOCK_N=2, BLOCK_KW=128)
+    cfg = dict(BLOCK_M=1, BLOCK_N=2, BLOCK_KW=256) if m == 1 else dict(BLOCK_M=4, BLOCK_N=1, BLOCK_KW=128)
     split_k = 1
     while -(-n // cfg["BLOCK_N"]) * split_k < 528 and split_k < 8 and k // 8 >= 2 * cfg["BLOCK_KW"] * split_k:
         split_k *= 2  # fewer than 4 programs per SM: share K
@@ -328,9 +292,12 @@ def pick_config(m: int, n: int, k: int) -> dict[str, int]:
 
 
 # Note: the cached fp32 scales
-# With double quantization every word's scale costs three gathers (code, nested code table, nested
-# absmax); `scale_cache=True` decodes the (N * K / blocksize,) fp32 scales once per QuantState
-# (1/16 byte per weight, ~12% of the packed weight) and the kernel reads one float per word instead.
+# With double quantization every word's scale costs three dependent gathers (code, nested code table,
+# nested absmax); by default (scale_cache=True) the (N * K / blocksize,) fp32 scales are decoded once
+# per QuantState and the kernel reads one float per word instead. On the H200 that is 9.90 against
+# 11.04 us at one row of a 4096 x 4096 weight, and what puts the kernel ahead of bitsandbytes and bf16
+# (nf4_routing.py). The price is memory while decoding: 1/16 byte per weight, ~12% of the packed
+# weight (0.45 GiB for an 8B model's projections), held as long as the layer's QuantState lives.
 _SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
@@ -370,8 +337,10 @@ def _prmt_table(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
 
 
 def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,
-                       config: dict[str, int] | None = None, scale_cache: bool = False) -> torch.Tensor:
-    """x (..., K) with at most 16 rows, W = dequantize(packed) (N, K) -> x W^T + b (..., N), in x's dtype."""
+                       config: dict[str, int] | None = None, scale_cache: bool = True) -> torch.Tensor:
+    """x (..., K) with at most 16 rows, W = dequantize(packed) (N, K) -> x W^T + b (..., N), in x's dtype.
+
+    scale_cache: read double-quantized scales from a cached fp32 copy (Note: the cached fp32 scales)."""
     if not supports(x, state):
         raise ValueError(f"matmul_4bit_triton: unsupported call x {tuple(x.shape)} {x.dtype}, weight "
                          f"{tuple(state.shape)} blocksize {state.blocksize}; allowed: <= {MAX_ROWS} rows, "
@@ -396,9 +365,7 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         scale_args = absmax_args(state)
     words = packed.reshape(-1).view(torch.uint8).view(torch.int32)
     prmt = cfg.pop("PRMT", x.is_cuda)  # inline PTX: not under the CPU interpreter
-    packed_dot = cfg.pop("PACKED", prmt) and prmt
-    prefetch = cfg.pop("PREFETCH", True)
-    tab = _prmt_table(state, x.dtype if packed_dot else torch.float16) if prmt else words
+    tab = _prmt_table(state, x.dtype) if prmt else words
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), split_k, triton.cdiv(m, block_m))
     _gemv4_kernel[grid](
         x2.view(torch.int64) if x2.numel() else x2, words, *scale_args, state.code.float(), tab, bias if bias is not None else out, out,
@@ -406,7 +373,7 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         BLOCKSIZE=state.blocksize, NESTED=nested,
         NESTED_BLOCKSIZE=state.state2.blocksize if state.state2 is not None else 256,
         HAS_BIAS=bias is not None, X_BF16=x.dtype == torch.bfloat16, PRMT=prmt,
-        PACKED=packed_dot, PREFETCH=prefetch, BLOCK_M=block_m, SPLIT_K=split_k, **cfg,
+        BLOCK_M=block_m, SPLIT_K=split_k, **cfg,
     )
     if split_k > 1:
         if bias is not None:

@@ -6,7 +6,9 @@ values and gradients against it (on CPU under TRITON_INTERPRET=1, on a GPU with 
     nf4_dequant.py    Triton: packed NF4/FP4 (+ double-quantized absmax) -> bf16/fp16/fp32
     nf4_matmul.py     Triton: fused dequantize-matmul for decode-size inputs (M <= 16 rows)
     lora_linear.py    torch autograd.Function: base matmul + LoRA in one op, manual backward
-    cross_entropy.py  torch autograd.Function: chunked LM-head cross-entropy, no (N, V) fp32 logits
+    cross_entropy.py  torch autograd.Function: chunked LM-head cross-entropy, no (N, V) fp32 logits,
+                      its gradient formed in the forward
+    ce_rows.py        Triton: per-row loss of a block of logits and its gradient over them
     rms_norm.py       Triton: RMSNorm forward/backward (saves x and a per-row rstd)
     rope.py           Triton: rotary embedding of q and k in one launch; backward rotates by -theta
     swiglu.py         Triton: silu(g) * u; backward recomputes silu from g

@@ -1,7 +1,10 @@
-"""The contract between PeftModel and the layers a method injects, plus the modules_to_save wrapper.
+"""The contract between PeftModel and the layers a method injects, the bookkeeping those layers share, plus
+the modules_to_save wrapper.
 
 Every layer method (LoRA, IA3, AdaLoRA) wraps a base module and satisfies `AdapterLayer`; PeftModel
-drives adapters only through this protocol, never by asking which method it holds.
+drives adapters only through this protocol, never by asking which method it holds. The layers keep the
+same state (`adapters`, `active`, `merged` name lists, `disabled`) and answer set_active / delete / merge
+guards / attribute lookups through the functions below, so the rules are written once.
 
 # Note: adapter naming on disk
 In memory a wrapper keeps each adapter in `adapters[<name>]`, so the state-dict key of a weight is
@@ -52,6 +55,48 @@ def is_adapter_layer(module: nn.Module) -> bool:
     """
     children = module.__dict__.get("_modules", {})
     return "base_layer" in children and "adapters" in children and callable(getattr(module, "set_active", None))
+
+
+def linear_features(base: nn.Module, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like base layer (nn.Linear, GPT-2 Conv1D, Linear4bit)."""
+    if hasattr(base, "in_features"):
+        return base.in_features, base.out_features
+    weight = base.weight  # Conv1D keeps (in, out)
+    return tuple(weight.shape) if fan_in_fan_out else tuple(reversed(weight.shape))
+
+
+def activate(adapters: nn.ModuleDict, names: list[str], trainable: bool) -> list[str]:
+    """The active list for set_active: the `names` that `adapters` holds, in order. Only their weights
+    require grad, and only if `trainable`; every other adapter is frozen."""
+    active = [n for n in names if n in adapters]
+    for name, adapter in adapters.items():
+        adapter.requires_grad_(trainable and name in active)
+    return active
+
+
+def delete_adapter(adapters: nn.ModuleDict, name: str, active: list[str], merged: list[str]) -> list[str]:
+    """Remove adapter `name` from `adapters` (refused while it is merged); returns `active` without it."""
+    if name in merged:
+        raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
+    del adapters[name]
+    return [n for n in active if n != name]
+
+
+def to_merge(names: list[str], adapters: nn.ModuleDict, merged: list[str]) -> list[str]:
+    """The `names` a merge folds in, in order, each once: those `adapters` holds that are not merged yet."""
+    return list(dict.fromkeys(n for n in names if n in adapters and n not in merged))
+
+
+def base_layer_attribute(module: nn.Module, name: str) -> Any:
+    """A wrapper's `__getattr__`: its own attribute (nn.Module's lookup), else the wrapped base layer's
+    (weight, in_features, ...), so code that reads the original module's attributes keeps working."""
+    try:
+        return nn.Module.__getattr__(module, name)
+    except AttributeError:
+        base = module.__dict__["_modules"].get("base_layer")
+        if base is None:
+            raise
+        return getattr(base, name)
 
 
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:

@@ -8,20 +8,19 @@ in a hand-written loop call it after optimizer.step() (see config.py, Note: AdaL
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from slimtune.methods._common import adapter_placement, trainable_biases, wrap_linear
 from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocate
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter, adapters_of
 from slimtune.methods.adalora.state import kept_triplets, load_run_state, run_state, to_file
 from slimtune.quant.linear4bit import Linear4bit
 from slimtune.registry import MethodSpec, RunStateHooks
-from slimtune.targeting import default_targets, find_targets, is_linear_like
+from slimtune.targeting import default_targets, find_targets
 
 if TYPE_CHECKING:
     from slimtune.methods.adalora.callback import AdaLoraCallback
@@ -50,34 +49,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _wrap(model: nn.Module, name: str, config: AdaLoraConfig) -> AdaLoraLayer:
-    module = model.get_submodule(name)
-    if isinstance(module, AdaLoraLayer):
-        return module
-    if not is_linear_like(module):
-        raise ValueError(
-            f"AdaLoRA cannot adapt module {name!r} of type {type(module).__name__}; supported layer types: "
-            "nn.Linear, Conv1D (GPT-2), Linear4bit"
-        )
-    fan_in_fan_out = type(module).__name__ == "Conv1D"
-    if config.fan_in_fan_out != fan_in_fan_out:  # as peft: warn once, and the saved config says what was used
-        warnings.warn(f"{name}: {type(module).__name__} uses fan_in_fan_out={fan_in_fan_out}; using that", stacklevel=3)
-        config.fan_in_fan_out = fan_in_fan_out
-    layer = AdaLoraLayer(module, fan_in_fan_out=fan_in_fan_out)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
-    return layer
-
-
-def _adapter_placement(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.device, torch.dtype]:
-    """Adapters live on the base layer's device; bf16/fp16 (and 4-bit) bases get fp32 adapters (peft's default)."""
-    if isinstance(base, Linear4bit):
-        return base.weight.device, torch.float32 if autocast_adapter_dtype else base.compute_dtype
-    weight = base.weight
-    low = weight.dtype in (torch.bfloat16, torch.float16)
-    return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
-
-
 def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
     """Wrap every target module in an AdaLoraLayer and add adapter `adapter_name` (pruned per rank_pattern)."""
     if config.target_modules is None:  # as peft: the saved config names the modules it adapted
@@ -87,7 +58,7 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
                          skip=config.modules_to_save or ())
     kept = kept_triplets(config, adapter_name)
     for name in names:
-        layer = _wrap(model, name, config)
+        layer = wrap_linear(model, name, config, AdaLoraLayer, "AdaLoRA")
         in_features, out_features = layer.features()
         pattern = kept.get(f"{name}.lora_E")
         r = config.init_r if pattern is None else sum(pattern)
@@ -95,7 +66,8 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
         ranknum = config.init_r if (pattern is not None and r > 0) else None
         adapter = SVDAdapter(in_features, out_features, r, config.lora_alpha, config.lora_dropout,
                              config.init_lora_weights, ranknum)
-        device, dtype = _adapter_placement(layer.base_layer, autocast_adapter_dtype)
+        device, dtype = adapter_placement(layer.base_layer, isinstance(layer.base_layer, Linear4bit),
+                                          autocast_adapter_dtype)
         layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
 
 
@@ -121,17 +93,6 @@ def orthogonality_penalty(model: nn.Module, config: AdaLoraConfig, adapter_name:
     return config.orth_reg_weight * (total / count)
 
 
-def extra_trainable(model: nn.Module, config: AdaLoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
-    """Biases trained by bias='all' (every bias) or 'lora_only' (the adapted layers' own biases), as LoRA."""
-    if config.bias == "none":
-        return
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if not name.endswith("bias") or ".adapters." in name or ".original_module." in name:
-            continue
-        if config.bias == "all" or name.endswith(".base_layer.bias"):
-            yield name, param
-
-
 METHOD = MethodSpec(config_cls=AdaLoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
-                    extra_trainable=extra_trainable, on_step=on_step, extra_loss=orthogonality_penalty,
+                    extra_trainable=trainable_biases, on_step=on_step, extra_loss=orthogonality_penalty,
                     to_file=to_file, run_state=RunStateHooks(get=run_state, load=load_run_state))

@@ -18,8 +18,7 @@ import warnings
 from typing import ClassVar
 
 from slimtune.config import PeftConfig, PeftType
-
-BIAS_CHOICES = ("none", "all", "lora_only")
+from slimtune.methods._common import check_alpha_dropout_bias
 
 
 @dataclasses.dataclass
@@ -120,12 +119,7 @@ class AdaLoraConfig(PeftConfig):
             raise ValueError(f"alpha_pattern={self.alpha_pattern!r} is not used by AdaLoRA; only {{}} is accepted")
         if not isinstance(self.init_lora_weights, bool):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} must be True or False for AdaLoRA")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias={self.bias!r} is not valid; allowed: {', '.join(BIAS_CHOICES)}")
+        check_alpha_dropout_bias(self)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:

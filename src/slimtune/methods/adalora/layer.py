@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import plain_linear
+from slimtune.adapter_layer import (
+    activate,
+    base_layer_attribute,
+    delete_adapter,
+    linear_features,
+    plain_linear,
+    to_merge,
+)
 from slimtune.quant.linear4bit import Linear4bit
 
 _TRIPLET = ("lora_A", "lora_B", "lora_E")
@@ -134,26 +141,17 @@ class AdaLoraLayer(nn.Module):
 
     def features(self) -> tuple[int, int]:
         """(in_features, out_features) of the base layer."""
-        base = self.base_layer
-        if hasattr(base, "in_features"):
-            return base.in_features, base.out_features
-        weight = base.weight  # Conv1D keeps (in, out)
-        return tuple(weight.shape) if self.fan_in_fan_out else tuple(reversed(weight.shape))
+        return linear_features(self.base_layer, self.fan_in_fan_out)
 
     # ---- AdapterLayer protocol ------------------------------------------------------------------
     def add(self, name: str, adapter: SVDAdapter) -> None:
         self.adapters[name] = adapter
 
     def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(trainable and name in self.active)
+        self.active = activate(self.adapters, names, trainable)
 
     def delete(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
+        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
 
     def _stored(self, delta: torch.Tensor) -> torch.Tensor:
         """A delta (out, in) in the layout of the stored weight."""
@@ -167,9 +165,7 @@ class AdaLoraLayer(nn.Module):
                 "dequantizes the base and merges in the compute dtype"
             )
         weight = self.base_layer.weight
-        for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
+        for name in to_merge(names, self.adapters, self.merged):
             weight.data += self._stored(self.adapters[name].delta_weight()).to(weight.dtype)
             self.merged.append(name)
 
@@ -208,13 +204,7 @@ class AdaLoraLayer(nn.Module):
         return result.to(out_dtype)
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
+        return base_layer_attribute(self, name)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

@@ -4,16 +4,15 @@ Learning"): learned vectors rescale attention keys/values and feedforward inputs
 from __future__ import annotations
 
 import re
-import warnings
 
-import torch
 from torch import nn
 
+from slimtune.methods._common import adapter_placement, wrap_linear
 from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.ia3.layer import IA3Layer, IA3Vector
 from slimtune.quant.linear4bit import Linear4bit
 from slimtune.registry import MethodSpec
-from slimtune.targeting import default_targets, find_targets, is_linear_like
+from slimtune.targeting import default_targets, find_targets
 
 __all__ = ["IA3Config", "IA3Layer", "METHOD"]
 
@@ -64,44 +63,17 @@ def _fill_defaults(model: nn.Module, config: IA3Config) -> None:
         config.feedforward_modules = list(DEFAULT_FEEDFORWARD[model_type])
 
 
-def _wrap(model: nn.Module, name: str, config: IA3Config) -> IA3Layer:
-    module = model.get_submodule(name)
-    if isinstance(module, IA3Layer):
-        return module
-    if not is_linear_like(module):
-        raise ValueError(
-            f"IA3 cannot adapt module {name!r} of type {type(module).__name__}; supported layer types: "
-            "nn.Linear, Conv1D (GPT-2), Linear4bit"
-        )
-    fan_in_fan_out = type(module).__name__ == "Conv1D"
-    if config.fan_in_fan_out != fan_in_fan_out:  # as peft: warn once, and the saved config says what was used
-        warnings.warn(f"{name}: {type(module).__name__} uses fan_in_fan_out={fan_in_fan_out}; using that", stacklevel=3)
-        config.fan_in_fan_out = fan_in_fan_out
-    layer = IA3Layer(module, fan_in_fan_out=fan_in_fan_out)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
-    return layer
-
-
-def _adapter_placement(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.device, torch.dtype]:
-    """Vectors live on the base layer's device; bf16/fp16 (and 4-bit) bases get fp32 vectors (peft's default)."""
-    if isinstance(base, Linear4bit):
-        return base.weight.device, torch.float32 if autocast_adapter_dtype else base.compute_dtype
-    weight = base.weight
-    low = weight.dtype in (torch.bfloat16, torch.float16)
-    return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
-
-
 def inject(model: nn.Module, config: IA3Config, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
     """Wrap every target module of `model` in an IA3Layer and add vector `adapter_name` to it."""
     _fill_defaults(model, config)
     names = find_targets(model, config.target_modules, exclude_modules=config.exclude_modules,
                          skip=config.modules_to_save or ())
     for name in names:
-        layer = _wrap(model, name, config)
+        layer = wrap_linear(model, name, config, IA3Layer, "IA3")
         in_features, out_features = layer.features()
         vector = IA3Vector(in_features, out_features, is_feedforward(config, name), config.init_ia3_weights)
-        device, dtype = _adapter_placement(layer.base_layer, autocast_adapter_dtype)
+        device, dtype = adapter_placement(layer.base_layer, isinstance(layer.base_layer, Linear4bit),
+                                          autocast_adapter_dtype)
         layer.add(adapter_name, vector.to(device=device, dtype=dtype).train(layer.base_layer.training))
 
 

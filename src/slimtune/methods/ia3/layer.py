@@ -14,7 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import plain_linear
+from slimtune.adapter_layer import (
+    activate,
+    base_layer_attribute,
+    delete_adapter,
+    linear_features,
+    plain_linear,
+    to_merge,
+)
 from slimtune.quant.linear4bit import Linear4bit
 
 
@@ -52,26 +59,17 @@ class IA3Layer(nn.Module):
 
     def features(self) -> tuple[int, int]:
         """(in_features, out_features) of the base layer."""
-        base = self.base_layer
-        if hasattr(base, "in_features"):
-            return base.in_features, base.out_features
-        weight = base.weight  # Conv1D keeps (in, out)
-        return tuple(weight.shape) if self.fan_in_fan_out else tuple(reversed(weight.shape))
+        return linear_features(self.base_layer, self.fan_in_fan_out)
 
     # ---- AdapterLayer protocol ------------------------------------------------------------------
     def add(self, name: str, adapter: IA3Vector) -> None:
         self.adapters[name] = adapter
 
     def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(trainable and name in self.active)
+        self.active = activate(self.adapters, names, trainable)
 
     def delete(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
+        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
@@ -81,9 +79,7 @@ class IA3Layer(nn.Module):
                 "dequantizes the base and merges in the compute dtype"
             )
         base = self.base_layer
-        for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
+        for name in to_merge(names, self.adapters, self.merged):
             adapter = self.adapters[name]
             base.weight.data = (base.weight.data * adapter.as_weight_factor(self.fan_in_fan_out)).to(base.weight.dtype)
             if not adapter.feedforward and base.bias is not None:
@@ -141,13 +137,7 @@ class IA3Layer(nn.Module):
         return result
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
+        return base_layer_attribute(self, name)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
-import torch
 from torch import nn
 
+from slimtune.methods._common import adapter_placement, trainable_biases
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
 from slimtune.methods.lora.config import LoraConfig, _pissa_iters
 from slimtune.methods.lora.layer import LoraLayer, _is_4bit
@@ -25,15 +24,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
     **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")},
 }
-
-
-def _adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> tuple[torch.device, torch.dtype]:
-    """Adapters live on the base layer's device; bf16/fp16 bases get fp32 adapters (peft's default)."""
-    if _is_4bit(base):
-        return base.weight.device, torch.float32 if autocast_adapter_dtype else base.compute_dtype
-    weight = base.weight
-    low = weight.dtype in (torch.bfloat16, torch.float16)
-    return weight.device, torch.float32 if (low and autocast_adapter_dtype) else weight.dtype
 
 
 def _wrap(model: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
@@ -79,7 +69,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
         adapter.reset(config.init_lora_weights)
         if niter is not None:
             _pissa(layer, adapter, niter, name)
-        device, dtype = _adapter_dtype(layer.base_layer, autocast_adapter_dtype)
+        device, dtype = adapter_placement(layer.base_layer, _is_4bit(layer.base_layer), autocast_adapter_dtype)
         adapter.to(device=device)  # DoRA's norm is taken where the base weight lives (a GPU, usually)
         if config.use_dora:
             adapter.init_dora(layer.base_weight().to(device))
@@ -93,16 +83,5 @@ def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) 
     layer._write_weight(residual)
 
 
-def extra_trainable(model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
-    """Biases trained by bias='all' (every bias) or 'lora_only' (the adapted layers' own biases)."""
-    if config.bias == "none":
-        return
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if not name.endswith("bias") or ".adapters." in name or ".original_module." in name:
-            continue
-        if config.bias == "all" or name.endswith(".base_layer.bias"):
-            yield name, param
-
-
 METHOD = MethodSpec(config_cls=LoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
-                    extra_trainable=extra_trainable)
+                    extra_trainable=trainable_biases)

@@ -7,8 +7,8 @@ import re
 from typing import ClassVar
 
 from slimtune.config import PeftConfig, PeftType
+from slimtune.methods._common import check_alpha_dropout_bias
 
-BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = "True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'"
 
 
@@ -52,12 +52,7 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_rank("r", self.r)
-        if not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
-        if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"bias={self.bias!r} is not valid; allowed: {', '.join(BIAS_CHOICES)}")
+        check_alpha_dropout_bias(self)
         init = self.init_lora_weights
         if not (isinstance(init, bool) or init == "gaussian" or _pissa_iters(init) is not None):
             raise ValueError(f"init_lora_weights={init!r} is not valid; allowed: {INIT_CHOICES}")

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import plain_linear
+from slimtune.adapter_layer import (
+    activate,
+    base_layer_attribute,
+    delete_adapter,
+    linear_features,
+    plain_linear,
+    to_merge,
+)
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
 
 
@@ -45,25 +52,17 @@ class LoraLayer(nn.Module):
         base = self.base_layer
         if self.is_embedding:
             return base.num_embeddings, base.embedding_dim
-        if hasattr(base, "in_features"):
-            return base.in_features, base.out_features
-        weight = base.weight  # Conv1D keeps (in, out)
-        return tuple(weight.shape) if self.fan_in_fan_out else tuple(reversed(weight.shape))
+        return linear_features(base, self.fan_in_fan_out)
 
     # ---- AdapterLayer protocol ------------------------------------------------------------------
     def add(self, name: str, adapter: LoraLinearAdapter | LoraEmbeddingAdapter) -> None:
         self.adapters[name] = adapter
 
     def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = [n for n in names if n in self.adapters]
-        for name, adapter in self.adapters.items():
-            adapter.requires_grad_(trainable and name in self.active)
+        self.active = activate(self.adapters, names, trainable)
 
     def delete(self, name: str) -> None:
-        if name in self.merged:
-            raise ValueError(f"adapter {name!r} is merged; unmerge it before deleting")
-        del self.adapters[name]
-        self.active = [n for n in self.active if n != name]
+        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
 
     @torch.no_grad()
     def merge(self, names: list[str]) -> None:
@@ -72,9 +71,7 @@ class LoraLayer(nn.Module):
                 "cannot merge into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
                 "dequantizes the base and merges in the compute dtype"
             )
-        for name in names:
-            if name in self.merged or name not in self.adapters:
-                continue
+        for name in to_merge(names, self.adapters, self.merged):
             weight = self.base_weight()
             delta, norm = self.adapters[name].delta_weight(weight)
             self._write_weight(weight.float() + delta)
@@ -164,13 +161,7 @@ class LoraLayer(nn.Module):
         return out.to(x.dtype) if state is not None else out  # Linear4bit answers in x's dtype, nn.Linear in autocast's
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            base = self.__dict__["_modules"].get("base_layer")
-            if base is None:
-                raise
-            return getattr(base, name)
+        return base_layer_attribute(self, name)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"

@@ -2,6 +2,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Test helper modules (tiny_models, tiny_tokenizer, ...) import by plain name from any tests/ folder.
@@ -10,3 +11,15 @@ for folder in [_HERE, *sorted(p for p in _HERE.iterdir() if p.is_dir() and not p
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from tiny_run import build_llama, build_tokenizer  # noqa: E402  (tests/train, on sys.path from here on)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (hidden 32, 2 layers) + byte-level ChatML tokenizer folder, what `model:` points at in
+    the training, CLI and reliability tests; built once per session (tests that change it work on a copy)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    build_tokenizer(folder)
+    build_llama(folder)
+    return folder

@@ -16,10 +16,18 @@ from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_M
 from torch import nn
 
 import slimtune
+from layer_invariants import (
+    TOL,
+    assert_files_load_both_ways,
+    assert_merge_disable_unload,
+    assert_same_as_peft,
+    assert_step_leaves_base_untouched,
+    case_kwargs,
+    pair,
+)
 from slimtune.methods.adalora import (
     DEFAULT_TARGETS,
     AdaLoraConfig,
-    AdaLoraLayer,
     RankAllocator,
     adapters_of,
     orthogonality_penalty,
@@ -36,114 +44,45 @@ CASES = {
     "lora_only_bias": dict(BASE, bias="lora_only", init_lora_weights=False),
 }
 MODELS = list(TINY_MODELS)
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _config(lib, model_name: str, case: str, **extra):
-    kwargs = dict(CASES[case], task_type=TINY_MODELS[model_name].task_type, **extra)
-    if TINY_MODELS[model_name].conv1d:
-        kwargs["fan_in_fan_out"] = True
+    kwargs = case_kwargs(CASES, model_name, case, **extra)
     if model_name == "mistral" and "target_modules" not in kwargs:
         kwargs["target_modules"] = ["q_proj", "v_proj"]  # peft has no AdaLoRA default for mistral (we do)
     return lib.AdaLoraConfig(**kwargs)
 
 
-def _perturb(model: nn.Module, seed: int = 7) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _pair(model_name: str, case: str, **extra):
-    tiny = TINY_MODELS[model_name]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        ours = slimtune.get_peft_model(tiny.model(), _config(slimtune.methods.adalora, model_name, case, **extra))
-        torch.manual_seed(1)
-        theirs = peft.get_peft_model(tiny.model(), _config(peft, model_name, case, **extra))
-    return ours.eval(), theirs.eval()
-
-
-def _file_key(name: str) -> str:
-    return name.replace(".adapters.default.", ".").replace(".modules_to_save.default.", ".")
+    return pair(model_name, _config(slimtune.methods.adalora, model_name, case, **extra),
+                _config(peft, model_name, case, **extra))
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_seed_same_adapter_as_peft(model_name, case):
     ours, theirs = _pair(model_name, case)
-    ours_sd = ours.adapter_state_dict()
     theirs_sd = {k: v for k, v in peft.get_peft_model_state_dict(theirs).items() if ".original_module." not in k}
-    assert sorted(ours_sd) == sorted(theirs_sd)
-    assert {k.rsplit(".", 1)[1] for k in ours_sd if ".lora_" in k} == {"lora_A", "lora_B", "lora_E"}
-    for key in ours_sd:
-        torch.testing.assert_close(ours_sd[key], theirs_sd[key], rtol=0, atol=0, msg=key)
-    inputs = TINY_MODELS[model_name].inputs()
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=0)
-    ours_trainable = sorted(_file_key(n) for n, p in ours.named_parameters() if p.requires_grad)
-    theirs_trainable = sorted(n.replace(".default", "").replace(".modules_to_save", "")
-                              for n, p in theirs.named_parameters() if p.requires_grad)
-    assert ours_trainable == theirs_trainable
+    assert_same_as_peft(ours, theirs, theirs_sd, TINY_MODELS[model_name].inputs(), rtol=0, atol=0)
+    assert {k.rsplit(".", 1)[1] for k in ours.adapter_state_dict() if ".lora_" in k} == {"lora_A", "lora_B", "lora_E"}
+    assert not any("ranknum" in n for n, _ in ours.named_parameters()), "ranknum is a buffer, never trained"
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_files_load_both_ways(model_name, tmp_path):
     ours, theirs = _pair(model_name, "random_init")
-    _perturb(ours)
-    inputs = TINY_MODELS[model_name].inputs()
-    expected = logits(ours, inputs)
-    ours.save_pretrained(tmp_path / "ours")
-    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    fields = set(peft.AdaLoraConfig.__dataclass_fields__)
-    assert set(written) <= fields, set(written) - fields
-    loaded_in_peft = peft.PeftModel.from_pretrained(TINY_MODELS[model_name].model(), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(loaded_in_peft, inputs), expected)
-
-    _perturb(theirs, seed=11)
-    expected = logits(theirs, inputs)
-    theirs.save_pretrained(tmp_path / "theirs")
-    loaded_in_ours = slimtune.PeftModel.from_pretrained(TINY_MODELS[model_name].model(), tmp_path / "theirs").eval()
-    torch.testing.assert_close(logits(loaded_in_ours, inputs), expected)
-    assert not any(p.requires_grad for p in loaded_in_ours.parameters()), "inference mode loads frozen"
+    assert_files_load_both_ways(ours, theirs, model_name, tmp_path)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_merge_disable_unload_invariants(model_name):
-    tiny = TINY_MODELS[model_name]
-    inputs = tiny.inputs()
-    base_logits = logits(tiny.model(), inputs)
-    model = slimtune.get_peft_model(tiny.model(), _config(slimtune.methods.adalora, model_name, "random_init"))
-    model.eval()
-    _perturb(model)
-    adapted = logits(model, inputs)
-    assert (adapted - base_logits).abs().max() > 1e-3, "the perturbed adapter must change the output"
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, inputs), base_logits)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, inputs), adapted, **TOL)
-    model.unmerge_adapter()
-    torch.testing.assert_close(logits(model, inputs), adapted, **TOL)
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, AdaLoraLayer) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, inputs), adapted, **TOL)
+    assert_merge_disable_unload(model_name, _config(slimtune.methods.adalora, model_name, "random_init"))
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_only_adapter_parameters_train_and_base_is_untouched(model_name):
-    tiny = TINY_MODELS[model_name]
-    base = tiny.model()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = slimtune.get_peft_model(base, _config(slimtune.methods.adalora, model_name, "random_init"))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".adapters.default.lora_" in n or ".modules_to_save.default." in n for n in trainable)
-    assert not any("ranknum" in n for n, _ in model.named_parameters()), "ranknum is a buffer, never trained"
-    model(**tiny.inputs()).logits.float().pow(2).mean().backward()
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    for key, value in model.unload().state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    assert_step_leaves_base_untouched(model_name, _config(slimtune.methods.adalora, model_name, "random_init"),
+                                      ".adapters.default.lora_")
 
 
 # ---- the rank allocator against peft's --------------------------------------------------------

@@ -4,7 +4,6 @@ same seed -> same vectors and outputs; files load both ways; merge == unmerged; 
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft
 import pytest
@@ -16,7 +15,17 @@ from peft.utils.constants import (
 from torch import nn
 
 import slimtune
-from slimtune.methods.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA3Config, IA3Layer
+from layer_invariants import (
+    TOL,
+    assert_files_load_both_ways,
+    assert_merge_disable_unload,
+    assert_same_as_peft,
+    assert_step_leaves_base_untouched,
+    case_kwargs,
+    pair,
+    perturb,
+)
+from slimtune.methods.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA3Config
 from slimtune.quant.linear4bit import Linear4bit
 from tiny_models import TINY_MODELS, logits
 
@@ -26,56 +35,25 @@ CASES = {
     "all_linear": dict(target_modules="all-linear", feedforward_modules=[], init_ia3_weights=False),
 }
 MODELS = list(TINY_MODELS)
-TOL = dict(rtol=1e-4, atol=1e-5)
+SCALE = 0.3  # perturb() noise of this suite (the LoRA and AdaLoRA suites use the default 0.1)
 
 
 def _config(lib, model_name: str, case: str, **extra):
-    kwargs = dict(CASES[case], task_type=TINY_MODELS[model_name].task_type, **extra)
-    if TINY_MODELS[model_name].conv1d:
-        kwargs["fan_in_fan_out"] = True
-    return lib.IA3Config(**kwargs)
-
-
-def _perturb(model: nn.Module, seed: int = 7) -> None:
-    """Move every trainable tensor away from its init so that the adapter changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return lib.IA3Config(**case_kwargs(CASES, model_name, case, **extra))
 
 
 def _pair(model_name: str, case: str, **extra):
-    tiny = TINY_MODELS[model_name]
-    torch.manual_seed(1)
-    ours = slimtune.get_peft_model(tiny.model(), _config(slimtune.methods.ia3, model_name, case, **extra))
-    torch.manual_seed(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(tiny.model(), _config(peft, model_name, case, **extra))
-    return ours.eval(), theirs.eval()
-
-
-def _file_key(name: str) -> str:
-    return name.replace(".adapters.default.", ".").replace(".modules_to_save.default.", ".")
+    return pair(model_name, _config(slimtune.methods.ia3, model_name, case, **extra),
+                _config(peft, model_name, case, **extra))
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_seed_same_adapter_as_peft(model_name, case):
     ours, theirs = _pair(model_name, case)
-    ours_sd = ours.adapter_state_dict()
-    theirs_sd = peft.get_peft_model_state_dict(theirs)
-    assert sorted(ours_sd) == sorted(theirs_sd)
-    assert any(k.endswith(".ia3_l") for k in ours_sd)
-    for key in ours_sd:
-        torch.testing.assert_close(ours_sd[key], theirs_sd[key], rtol=0, atol=0, msg=key)
-    inputs = TINY_MODELS[model_name].inputs()
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=0)
-    ours_trainable = sorted(_file_key(n) for n, p in ours.named_parameters() if p.requires_grad)
-    theirs_trainable = sorted(n.replace(".default", "").replace(".modules_to_save", "")
-                              for n, p in theirs.named_parameters() if p.requires_grad)
-    assert ours_trainable == theirs_trainable
+    assert_same_as_peft(ours, theirs, peft.get_peft_model_state_dict(theirs), TINY_MODELS[model_name].inputs(),
+                        rtol=0, atol=0)
+    assert any(k.endswith(".ia3_l") for k in ours.adapter_state_dict())
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -91,61 +69,21 @@ def test_feedforward_vectors_scale_inputs_like_peft(model_name):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_files_load_both_ways(model_name, tmp_path):
     ours, theirs = _pair(model_name, "default")
-    _perturb(ours)
-    inputs = TINY_MODELS[model_name].inputs()
-    expected = logits(ours, inputs)
-    ours.save_pretrained(tmp_path / "ours")
-    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert set(written) <= set(peft.IA3Config.__dataclass_fields__), set(written) - set(peft.IA3Config.__dataclass_fields__)
+    written = assert_files_load_both_ways(ours, theirs, model_name, tmp_path, scale=SCALE)
     assert written["peft_type"] == "IA3" and written["target_modules"] and written["feedforward_modules"] is not None
-    loaded_in_peft = peft.PeftModel.from_pretrained(TINY_MODELS[model_name].model(), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(loaded_in_peft, inputs), expected)
-
-    _perturb(theirs, seed=11)
-    expected = logits(theirs, inputs)
-    theirs.save_pretrained(tmp_path / "theirs")
-    loaded_in_ours = slimtune.PeftModel.from_pretrained(TINY_MODELS[model_name].model(), tmp_path / "theirs").eval()
-    torch.testing.assert_close(logits(loaded_in_ours, inputs), expected)
-    assert not any(p.requires_grad for p in loaded_in_ours.parameters()), "inference mode loads frozen"
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("case", ["default", "all_linear"])
 def test_merge_disable_unload_invariants(model_name, case):
-    tiny = TINY_MODELS[model_name]
-    inputs = tiny.inputs()
-    base_logits = logits(tiny.model(), inputs)
-    model = slimtune.get_peft_model(tiny.model(), _config(slimtune.methods.ia3, model_name, case)).eval()
-    _perturb(model)
-    adapted = logits(model, inputs)
-    assert (adapted - base_logits).abs().max() > 1e-3, "the perturbed adapter must change the output"
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, inputs), base_logits)
-    model.merge_adapter()
-    torch.testing.assert_close(logits(model, inputs), adapted, **TOL)
-    with model.disable_adapter():  # a merged layer unmerges itself when disabled, as in peft
-        torch.testing.assert_close(logits(model, inputs), base_logits, **TOL)
-    model.merge_adapter()
-    model.unmerge_adapter()
-    torch.testing.assert_close(logits(model, inputs), adapted, **TOL)
-    merged = model.merge_and_unload()
-    assert not any(isinstance(m, IA3Layer) for m in merged.modules())
-    torch.testing.assert_close(logits(merged, inputs), adapted, **TOL)
+    assert_merge_disable_unload(model_name, _config(slimtune.methods.ia3, model_name, case), scale=SCALE)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_only_vectors_train_and_base_is_untouched(model_name):
-    tiny = TINY_MODELS[model_name]
-    base = tiny.model()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    model = slimtune.get_peft_model(base, _config(slimtune.methods.ia3, model_name, "default"))
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith(".ia3_l") or ".modules_to_save.default." in n for n in trainable)
-    model(**tiny.inputs()).logits.float().pow(2).mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
-    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
-    for key, value in model.unload().state_dict().items():
-        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+    grads = assert_step_leaves_base_untouched(model_name, _config(slimtune.methods.ia3, model_name, "default"),
+                                              ".adapters.default.ia3_l")
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
 
 
 def test_default_tables_are_peft_tables():
@@ -220,8 +158,8 @@ def test_ia3_on_4bit_base_matches_float_reference_and_unloads_to_linear():
     ref = slimtune.get_peft_model(_dequantized_copy(_quantize_targets(tiny.model(), targets)), IA3Config()).eval()
     model = slimtune.get_peft_model(q_base, IA3Config()).eval()
     assert isinstance(model.base_model.model.model.layers[0].mlp.down_proj.base_layer, Linear4bit)
-    _perturb(model)
-    _perturb(ref)
+    perturb(model, scale=SCALE)
+    perturb(ref, scale=SCALE)
     expected = logits(ref, inputs)
     torch.testing.assert_close(logits(model, inputs), expected, **TOL)
     with model.disable_adapter(), ref.disable_adapter():

@@ -1,4 +1,5 @@
-"""Fixtures of the reliability suite: one tiny model folder and rows per session; counters printed at the end."""
+"""Fixtures of the reliability suite: rows and a baseline run per session (the tiny model folder,
+`tiny_model_dir`, comes from tests/conftest.py); counters printed at the end."""
 
 from __future__ import annotations
 
@@ -6,16 +7,7 @@ from pathlib import Path
 
 import pytest
 from reliability_tools import EXAMPLES_RUN, FAULT_STATS, run_train, write_run_config
-from tiny_run import build_llama, build_tokenizer, write_alpaca
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A saved tiny Llama (hidden 32, 2 layers) + byte-level ChatML tokenizer."""
-    folder = tmp_path_factory.mktemp("rel-tiny-llama")
-    build_tokenizer(folder)
-    build_llama(folder)
-    return folder
+from tiny_run import write_alpaca
 
 
 @pytest.fixture(scope="session")

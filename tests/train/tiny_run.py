@@ -1,7 +1,7 @@
 """Tiny, deterministic fixtures for the training tests: a random Llama, a byte-level tokenizer, rows.
 
-Everything is built from fixed seeds in seconds on CPU; nothing is downloaded. tests/cli imports this
-module too (its conftest puts tests/train on sys.path).
+Everything is built from fixed seeds in seconds on CPU; nothing is downloaded. tests/conftest.py builds the
+session's tiny model folder (`tiny_model_dir`) from it for the training, CLI and reliability tests.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 
 Prints the step times with Python's garbage collector on and off (a host-side stall shows up as a
 spread between steps), then, for two profiled steps, GPU busy time against wall time (the rest is the
-GPU waiting for the host) and the top CUDA kernels by total time.
+GPU waiting for the host) and the top CUDA kernels by total time. --graph profiles the CUDA-graph step
+(train/graphs.py) instead: the kernels inside the replayed graph.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     p.add_argument("--workload", default="8b-qlora-b1", choices=sorted(WORKLOADS))
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--graph", action="store_true", help="profile the CUDA-graph step (train/graphs.py)")
     args = p.parse_args()
     work = WORKLOADS[args.workload]
     dev = torch.device("cuda")
@@ -38,6 +40,17 @@ def main() -> None:
         _slimtune_loss(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    if args.graph:
+        from slimtune.train.graphs import GraphedBackward
+
+        graphed = GraphedBackward(lambda: _slimtune_loss(model, ids), [q for q in model.parameters() if q.requires_grad],
+                                  model=model)
+
+        def step() -> None:  # noqa: F811 - the graphed variant
+            graphed()
+            opt.step()
+            graphed.zero_grad(opt)
 
     time_steps(step, 3, dev)
     on = time_steps(step, args.steps, dev)
@@ -56,6 +69,8 @@ def main() -> None:
     print(f"profiled 2 steps: wall {1e3 * wall:.1f} ms, GPU kernels {busy / 1e3:.1f} ms "
           f"({100 * busy / 1e3 / (1e3 * wall):.0f}% busy; profiler overhead included in wall)")
     print(events.table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60))
+    if args.graph:
+        print(f"graph: {'replayed' if graphed.captured else f'eager ({graphed.reason})'}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ def _train(graph: bool, quantized: bool, steps: int = 5) -> tuple[list[float], l
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2)).cuda()
-    step = GraphedBackward(lambda: _slimtune_loss(model, ids), params, warmup=2) if graph else None
+    step = GraphedBackward(lambda: _slimtune_loss(model, ids), params, warmup=2, model=model) if graph else None
+    masks = []  # what the attention layers get while the graph is captured: None = SDPA's causal kernel
+    model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(
+        lambda _m, args, kwargs: masks.append(kwargs.get("attention_mask", args[2] if len(args) > 2 else None))
+        if torch.cuda.is_current_stream_capturing() else None, with_kwargs=True)
     losses = []
     for _ in range(steps):
         if step is None:
@@ -43,6 +47,9 @@ def _train(graph: bool, quantized: bool, steps: int = 5) -> tuple[list[float], l
             step.zero_grad(opt)
         losses.append(loss.item())
     captured = None if step is None else (step.reason or ("captured" if step.captured else "eager"))
+    if step is not None:
+        assert masks and all(m is None for m in masks), \
+            "the capture built a dense attention mask (Note: transformers' masks under capture)"
     return losses, [p.detach().clone() for p in params], captured
 
 

@@ -155,7 +155,8 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     if cuda_graph and device.type == "cuda":
         from slimtune.train.graphs import GraphedBackward
 
-        graphed = GraphedBackward(lambda: loss_fn(model, ids), [p for p in model.parameters() if p.requires_grad])
+        graphed = GraphedBackward(lambda: loss_fn(model, ids), [p for p in model.parameters() if p.requires_grad],
+                                  model=model)
 
         def step() -> torch.Tensor:  # noqa: F811 - the graphed variant of the step above
             loss = graphed()

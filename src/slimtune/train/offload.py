@@ -7,8 +7,17 @@ device. `offload_saved_tensors()` around the forward copies those to host memory
 back (non-blocking from pinned memory) when backward unpacks them, so the GPU holds one layer's working
 set instead of every layer's input (at 350k tokens x 4096 x bf16: 2.7 GiB per layer, 86 GiB for 32).
 Parameters stay where they are (they are alive anyway: a copy would only cost time), and so do tensors
-under `min_bytes`. Work on one CUDA stream is ordered, so a non-blocking copy out of a tensor that is
-freed right after is safe: the next kernel to reuse that memory runs after the copy.
+under `min_bytes`.
+
+# Note: copies beside the compute
+On CUDA the copies run on a side stream so that they overlap the layers' kernels (serialized on the
+compute stream they cost the 1B LoRA b4 step 12%: 16 x 2 copies of 32 MiB over PCIe). Out: the side
+stream waits for the tensor's producer, copies it to pinned memory, and the tensor is marked as used
+by the side stream (record_stream), so the allocator cannot hand its memory to another tensor before
+the copy has read it. Back: backward unpacks in about the reverse order of packing, so unpacking a
+tensor also starts bringing back the one packed just before it (a prefetch on the side stream); the
+compute stream waits on that copy's event before it reads the tensor. At most one prefetched tensor
+waits on the device beyond the one in use.
 """
 
 from __future__ import annotations
@@ -35,28 +44,75 @@ class OffloadStats:
     bytes: int = 0
 
 
+class _Saved:
+    """One offloaded tensor: its host copy, and its way back to the device (see Note: copies beside the compute)."""
+
+    __slots__ = ("device", "host", "ready", "back", "back_ready")
+
+    def __init__(self, device: torch.device, host: torch.Tensor, ready: torch.cuda.Event | None):
+        self.device, self.host, self.ready = device, host, ready  # ready: the copy to the host is done
+        self.back: torch.Tensor | None = None  # prefetched device copy
+        self.back_ready: torch.cuda.Event | None = None
+
+
 @contextmanager
 def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats]:
     """Within the block, tensors saved for backward (>= min_bytes, default MIN_BYTES; not parameters)
     live on the CPU; the yielded stats count them."""
     stats = OffloadStats()
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
-    pin = torch.cuda.is_available()
+    order: list[_Saved] = []  # in packing order, for the prefetch
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def side(device: torch.device) -> torch.cuda.Stream:
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
 
     def pack(t: torch.Tensor) -> Any:
         size = t.numel() * t.element_size()
         if isinstance(t, nn.Parameter) or size < min_bytes or t.layout != torch.strided:
             return t
-        host = torch.empty_like(t, device="cpu", pin_memory=pin and t.is_cuda)  # same strides: same kernels
-        host.copy_(t, non_blocking=pin and t.is_cuda)
         stats.tensors, stats.bytes = stats.tensors + 1, stats.bytes + size
-        return t.device, host
+        if not t.is_cuda:
+            return _Saved(t.device, t.to("cpu", copy=True), None)
+        stream = side(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        host = torch.empty_like(t, device="cpu", pin_memory=True)  # same strides: same kernels
+        with torch.cuda.stream(stream):
+            host.copy_(t, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        t.record_stream(stream)
+        saved = _Saved(t.device, host, ready)
+        order.append(saved)
+        return saved
+
+    def fetch(saved: _Saved) -> None:
+        """Start the copy back on the side stream (after the copy out)."""
+        stream = side(saved.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(saved.ready)
+            saved.back = saved.host.to(saved.device, non_blocking=True)
+            saved.back_ready = torch.cuda.Event()
+            saved.back_ready.record(stream)
 
     def unpack(packed: Any) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
-        device, host = packed
-        return host.to(device, non_blocking=host.is_pinned())
+        saved: _Saved = packed
+        if saved.ready is None:  # CPU tensors: a plain copy back
+            return saved.host.to(saved.device)
+        if saved.back is None:
+            fetch(saved)
+        current = torch.cuda.current_stream(saved.device)
+        current.wait_event(saved.back_ready)
+        out, saved.back = saved.back, None
+        out.record_stream(current)
+        i = order.index(saved) if saved in order else -1
+        if i > 0 and order[i - 1].back is None:
+            fetch(order[i - 1])  # the next one backward is likely to want
+        return out
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield stats

@@ -65,3 +65,32 @@ def test_graph_replay_matches_eager(quantized):
     assert eager_losses[-1] < eager_losses[0]  # it trains
     for g, e in zip(graph_params, eager_params, strict=True):
         assert ((g.float() - e.float()).norm() / e.float().norm()) < 1e-2
+
+
+def test_capture_replays_the_eager_mask_decision(monkeypatch):
+    """Note: transformers' masks under capture: an attention module that got no mask in the eager calls gets
+    none during the capture either; one that got a mask keeps it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    class SelfAttention(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            self.seen = attention_mask
+            return x
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = SelfAttention(), SelfAttention()
+
+    model = Model()
+    step = GraphedBackward(lambda: torch.zeros(()), [], model=model)
+    dense = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    capturing = {"on": False}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
+    model.a(torch.zeros(2), attention_mask=None)  # eager: transformers chose the causal kernel
+    model.b(torch.zeros(2), attention_mask=dense)  # eager: a real mask
+    capturing["on"] = True
+    model.a(torch.zeros(2), attention_mask=dense)
+    model.b(torch.zeros(2), attention_mask=dense)
+    assert model.a.seen is None and model.b.seen is dense
+    assert step.eager_none_mask == {model.a: True, model.b: False}

@@ -24,6 +24,8 @@ def bench_command(
     json_path: Annotated[str | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
     kbit: Annotated[bool, typer.Option("--kbit", help="4-bit workloads: also the QLoRA tutorial recipe as a "
                                        "baseline (peft's prepare_model_for_kbit_training).")] = False,
+    graph: Annotated[bool, typer.Option("--graph", help="Also a slimtune row with forward + backward replayed "
+                                        "as a CUDA graph (st-graph).")] = False,
 ) -> None:
     """Measure tokens/s, peak memory and MFU of slimtune and the baseline, and print their ratios."""
     from slimtune.cli.main import _guarded
@@ -32,6 +34,7 @@ def bench_command(
         from slimtune.bench import run_bench
 
         run_bench(workloads or None, device=device, seq_len=seq_len, warmup=warmup, steps=steps,
-                  baseline=baseline, json_path=json_path, kbit_baseline=kbit)
+                  baseline=baseline, json_path=json_path, kbit_baseline=kbit,
+                  cuda_graph=graph)
 
     _guarded(body)

@@ -297,7 +297,7 @@ def pick_config(m: int, n: int, k: int) -> dict[str, int]:
 # per QuantState and the kernel reads one float per word instead. On the H200 that is 9.90 against
 # 11.04 us at one row of a 4096 x 4096 weight, and what puts the kernel ahead of bitsandbytes and bf16
 # (nf4_routing.py). The price is memory while decoding: 1/16 byte per weight, ~12% of the packed
-# weight (0.45 GiB for an 8B model's projections), held as long as the layer's QuantState lives.
+# weight (0.41 GiB for an 8B model's projections), held as long as the layer's QuantState lives.
 _SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 

@@ -115,3 +115,34 @@ def test_trainer_losses_match_with_accumulation(tmp_path: Path, precision: str) 
     # bf16: the fused LoRA rounds differently (tests/kernels/test_lora_linear.py bounds that noise per
     # gradient), and AdamW turns tiny gradient differences into lr-sized steps: compare the losses only.
     assert loss_on == pytest.approx(loss_off, rel=1e-2)
+
+
+def test_right_padding_mask_is_dropped_only_when_exact() -> None:
+    """Note: right padding needs no attention mask: the fast path leaves the 2D mask out of right-padded
+    batches of a rotary causal model (the loss and gradients above stay equal to the masked reference),
+    and keeps it for left padding, labels under a pad, packed rows and other architectures."""
+    from slimtune.train.loss import drop_right_padding_mask
+
+    model = _model("lora", LORA)
+    batch = pad_collate(random_rows(3))
+    assert (batch["attention_mask"] == 0).any() and drop_right_padding_mask(model, batch)
+    left = {k: v.flip(1) for k, v in batch.items()}  # pads first
+    assert not drop_right_padding_mask(model, left)
+    labelled_pad = {**batch, "labels": batch["labels"].masked_fill(batch["attention_mask"] == 0, 3)}
+    assert not drop_right_padding_mask(model, labelled_pad)
+    assert not drop_right_padding_mask(model, {**batch, "position_ids": torch.zeros_like(batch["input_ids"])})
+    model.get_base_model().config.model_type = "bloom"  # positions (alibi) from the mask
+    assert not drop_right_padding_mask(model, batch)
+    model.get_base_model().config.model_type = "llama"
+    config = model.get_base_model().config
+    config._attn_implementation = "eager"  # only SDPA gains (flash-attention 2 unpads with the mask)
+    assert not drop_right_padding_mask(model, batch)
+    config._attn_implementation = "sdpa"
+
+    masks = []
+    attention = model.get_base_model().model.layers[0].self_attn
+    attention.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw.get("attention_mask")), with_kwargs=True)
+    for mode in ("on", "off"):
+        set_fast_path(mode)
+        forward_loss(model, batch, torch.device("cpu"), supports_logits_to_keep(model))
+    assert masks[0] is None and masks[1] is not None  # fast path: causal kernel; reference: the padding mask

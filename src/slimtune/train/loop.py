@@ -26,7 +26,14 @@ from slimtune.train.checkpoint import Checkpointable, latest_checkpoint, load_ch
 from slimtune.train.config import TrainConfig
 from slimtune.train.device import autocast_dtype, model_device
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
-from slimtune.train.loss import count_loss_tokens, hidden_token_loss, loss_head, loss_positions, token_loss
+from slimtune.train.loss import (
+    count_loss_tokens,
+    drop_right_padding_mask,
+    hidden_token_loss,
+    loss_head,
+    loss_positions,
+    token_loss,
+)
 from slimtune.train.methods import trainable_parameters
 from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.optim import build_optimizer, build_scheduler
@@ -258,6 +265,8 @@ def forward_loss(model: nn.Module, batch: Batch, device: torch.device,
     positions = loss_positions(batch["labels"]) if logits_to_keep else None
     head = loss_head(model) if positions is not None else None
     if head is not None:
+        if drop_right_padding_mask(model, batch):  # exact for the loss: Note: right padding needs no attention mask
+            inputs.pop("attention_mask")
         return _hidden_forward_loss(model, head, inputs, batch["labels"], positions.to(device))
     if positions is not None:
         inputs["logits_to_keep"] = positions.to(device)

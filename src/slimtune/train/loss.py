@@ -89,6 +89,37 @@ def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return (backbone, head) if use_fused(head.weight) else None
 
 
+# Note: right padding needs no attention mask
+# In a causal LM a token attends only to earlier positions, and with right padding every earlier position
+# of a real token is real: its output is the same with the padding mask or without it. Only the pads'
+# own outputs change, and they carry no label (IGNORE_INDEX), so neither the loss nor any gradient does.
+# Without the 2D mask transformers hands SDPA is_causal=True instead of a dense (B, 1, T, T) mask, which
+# on an H200 ran cuDNN's attention 3x faster (train/graphs.py, Note: transformers' masks under capture),
+# and skips its all-ones check, a host sync per forward. `drop_right_padding_mask` does this only when
+# it is exact and pays: rotary models whose positions do not come from the mask (MASK_FREE_MODELS)
+# running SDPA (flash-attention 2 uses the mask to skip the pads, so it keeps it), a 2D mask
+# that is right padding row by row, no packed position_ids, and IGNORE_INDEX under every pad. The
+# checks run on the collated CPU tensors before they move to the device.
+MASK_FREE_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3"})
+"""model_type values whose attention is causal with rotary positions from position_ids (not the mask)."""
+
+
+def drop_right_padding_mask(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the batch's attention_mask may be left out of a training forward (Note: right padding...)."""
+    mask, labels = batch.get("attention_mask"), batch.get("labels")
+    if mask is None or labels is None or mask.dim() != 2 or "position_ids" in batch or mask.is_cuda:
+        return False
+    base = getattr(model, "module", model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in MASK_FREE_MODELS or \
+            getattr(config, "_attn_implementation", None) != "sdpa":  # flash-attention unpads with the mask
+        return False
+    keep = mask.bool()
+    right_padded = bool((keep[:, 1:] <= keep[:, :-1]).all())  # once 0, 0 to the end of the row
+    return right_padded and bool((labels[~keep] == IGNORE_INDEX).all())
+
+
 def hidden_token_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """token_loss(lm_head(hidden[:, positions]), labels, positions) without the logits.

@@ -61,11 +61,12 @@ class GraphedBackward:
         self.calls = 0
         self.reason: str | None = None  # why the step is eager, once a capture failed
         self.eager_none_mask: dict[torch.nn.Module, bool] = {}  # Note: transformers' masks under capture
+        self._active = False  # inside one of this step's own calls: the hooks ignore every other forward
         self._hooks = [m.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
                        for m in (model.modules() if model is not None else ()) if type(m).__name__.endswith("Attention")]
 
     def _mask_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
-        if "attention_mask" not in kwargs:
+        if not self._active or "attention_mask" not in kwargs:
             return None
         if not torch.cuda.is_current_stream_capturing():
             self.eager_none_mask[module] = self.eager_none_mask.get(module, True) and kwargs["attention_mask"] is None
@@ -81,13 +82,27 @@ class GraphedBackward:
     def __call__(self) -> torch.Tensor:
         self.calls += 1
         if self.graph is None and self.reason is None and self.calls > self.warmup:
-            self._capture()
+            self._active = True
+            try:
+                self._capture()
+            finally:
+                self._active = False
         if self.graph is not None:
             self.graph.replay()
             return self.loss
-        loss = self.fn()
-        loss.backward()
+        self._active = True
+        try:
+            loss = self.fn()
+            loss.backward()
+        finally:
+            self._active = False
         return loss.detach()
+
+    def remove_hooks(self) -> None:
+        """Take the mask hooks off the model (the captured graph keeps working)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear the gradients before the next eager call; after the capture, replays overwrite them."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -17,7 +18,6 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Note: not "all-linear": slimtune core bug, a second all-linear adapter wraps the first one's lora_A/lora_B.
 CORPUS = [
     "system user assistant You are a helpful assistant. Hello there! How are you? I am fine, thank you.",
     "What does the word cat mean? A small domesticated feline. The dog ran to the big red tree.",
@@ -113,3 +113,16 @@ def cli_app():
             continue
         app.command(name)(command)
     return app
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> TinyChat:
+    """The model and adapters on disk, built once per session for each test folder that imports this."""
+    return build_tiny_chat(tmp_path_factory.mktemp("tiny_chat"))
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_chat):
+    from slimtune.infer import load_for_inference
+
+    return load_for_inference(tiny_chat.base, adapters=tiny_chat.adapters, device="cpu")

@@ -18,7 +18,7 @@ import torch
 
 from slimtune.bench.models import PRESETS, build_llama, slimtune_quantizer
 from slimtune.bench.run import WORKLOADS
-from slimtune.bench.training import _slimtune_loss, _wrap_slimtune, time_steps
+from slimtune.bench.training import _slimtune_loss, _wrap_slimtune, graphed_step, time_steps
 
 
 def main() -> None:
@@ -42,15 +42,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     if args.graph:
-        from slimtune.train.graphs import GraphedBackward
-
-        graphed = GraphedBackward(lambda: _slimtune_loss(model, ids), [q for q in model.parameters() if q.requires_grad],
-                                  model=model)
-
-        def step() -> None:  # noqa: F811 - the graphed variant
-            graphed()
-            opt.step()
-            graphed.zero_grad(opt)
+        step, graphed = graphed_step(model, lambda: _slimtune_loss(model, ids), opt)
 
     time_steps(step, 3, dev)
     on = time_steps(step, args.steps, dev)

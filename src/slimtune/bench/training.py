@@ -153,16 +153,7 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
         return loss.detach()
 
     if cuda_graph and device.type == "cuda":
-        from slimtune.train.graphs import GraphedBackward
-
-        graphed = GraphedBackward(lambda: loss_fn(model, ids), [p for p in model.parameters() if p.requires_grad],
-                                  model=model)
-
-        def step() -> torch.Tensor:  # noqa: F811 - the graphed variant of the step above
-            loss = graphed()
-            opt.step()
-            graphed.zero_grad(opt)
-            return loss
+        step, graphed = graphed_step(model, lambda: loss_fn(model, ids), opt)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -180,6 +171,21 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     if cuda_graph:
         reason = graphed.reason if device.type == "cuda" else "no CUDA"
         row.note = "graph replayed" if reason is None and graphed.captured else f"eager: {reason}"
+
+
+def graphed_step(model: nn.Module, loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer):
+    """(step, graphed): an optimizer step whose forward + backward replay as a CUDA graph (train/graphs.py)."""
+    from slimtune.train.graphs import GraphedBackward
+
+    graphed = GraphedBackward(loss, [p for p in model.parameters() if p.requires_grad], model=model)
+
+    def step() -> torch.Tensor:
+        value = graphed()
+        opt.step()
+        graphed.zero_grad(opt)
+        return value
+
+    return step, graphed
 
 
 def time_steps(step: Callable[[], object], n: int, device: torch.device) -> list[float]:

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from slimtune.kernels.nf4_dequant import absmax_args, load_absmax
-from slimtune.quant.nf4 import dequantize_4bit
+from slimtune.quant.nf4 import block_absmax, dequantize_4bit
 from slimtune.quant.state import QuantState
 
 __all__ = ["matmul_4bit_triton", "matmul_4bit_reference", "supports", "MAX_ROWS", "pick_config"]
@@ -298,19 +298,22 @@ def pick_config(m: int, n: int, k: int) -> dict[str, int]:
 # 11.04 us at one row of a 4096 x 4096 weight, and what puts the kernel ahead of bitsandbytes and bf16
 # (nf4_routing.py). The price is memory while decoding: 1/16 byte per weight, ~12% of the packed
 # weight (0.41 GiB for an 8B model's projections), held as long as the layer's QuantState lives.
-_SCALES: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+_CACHE: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _per_state(state: QuantState, key: tuple, make) -> torch.Tensor:
+    """make(state), computed once per (QuantState, key) and dropped with the state."""
+    key = (id(state), *key)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is state:
+        return hit[1]
+    value = make(state)
+    _CACHE[key] = (weakref.ref(state, lambda _: _CACHE.pop(key, None)), value)
+    return value
 
 
 def _cached_scales(state: QuantState) -> torch.Tensor:
-    hit = _SCALES.get(id(state))
-    if hit is not None and hit[0]() is state:
-        return hit[1]
-    s2 = state.state2
-    blocks = torch.arange(state.absmax.numel(), device=state.absmax.device) // s2.blocksize
-    scales = s2.code.float()[state.absmax.long()] * s2.absmax.float()[blocks] + s2.offset.float()
-    key = id(state)
-    _SCALES[key] = (weakref.ref(state, lambda _: _SCALES.pop(key, None)), scales)
-    return scales
+    return _per_state(state, ("scales",), block_absmax)
 
 
 def prmt_table(code: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
@@ -323,17 +326,8 @@ def prmt_table(code: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.
     return (words - ((words >> 31) << 32)).to(torch.int32)  # as signed 32-bit
 
 
-_TABLES: dict[tuple[int, torch.dtype], tuple[weakref.ref, torch.Tensor]] = {}
-
-
 def _prmt_table(state: QuantState, dtype: torch.dtype) -> torch.Tensor:
-    key = (id(state), dtype)
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0]() is state:
-        return hit[1]
-    table = prmt_table(state.code, dtype)
-    _TABLES[key] = (weakref.ref(state, lambda _: _TABLES.pop(key, None)), table)
-    return table
+    return _per_state(state, ("prmt", dtype), lambda st: prmt_table(st.code, dtype))
 
 
 def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None,

@@ -210,9 +210,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
             f"dequantize_4bit: packed tensor has {packed.numel() * packed.element_size()} bytes but "
             f"QuantState shape {tuple(state.shape)} needs {expected}"
         )
-    absmax = state.absmax
-    if state.state2 is not None:
-        absmax = _dequantize_blockwise_8bit(state.absmax.reshape(-1), state.state2)
     values = state.code.float()[_unpack_nibbles(packed, n)]  # (n,) fp32
     blocks = torch.arange(n, device=values.device) // state.blocksize
-    return (values * absmax.float()[blocks]).to(state.dtype).reshape(state.shape)
+    return (values * block_absmax(state)[blocks]).to(state.dtype).reshape(state.shape)
+
+
+def block_absmax(state: QuantState) -> torch.Tensor:
+    """(n_blocks,) fp32 absmax of the 4-bit blocks, the double-quantized ones decoded."""
+    if state.state2 is None:
+        return state.absmax.float()
+    return _dequantize_blockwise_8bit(state.absmax.reshape(-1), state.state2).float()

@@ -47,10 +47,11 @@ class OffloadStats:
 class _Saved:
     """One offloaded tensor: its host copy, and its way back to the device (see Note: copies beside the compute)."""
 
-    __slots__ = ("device", "host", "ready", "back", "back_ready")
+    __slots__ = ("device", "host", "ready", "back", "back_ready", "index")
 
-    def __init__(self, device: torch.device, host: torch.Tensor, ready: torch.cuda.Event | None):
+    def __init__(self, device: torch.device, host: torch.Tensor, ready: torch.cuda.Event | None, index: int = -1):
         self.device, self.host, self.ready = device, host, ready  # ready: the copy to the host is done
+        self.index = index  # position in packing order (CUDA only), for the prefetch
         self.back: torch.Tensor | None = None  # prefetched device copy
         self.back_ready: torch.cuda.Event | None = None
 
@@ -84,7 +85,7 @@ def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats
             ready = torch.cuda.Event()
             ready.record(stream)
         t.record_stream(stream)
-        saved = _Saved(t.device, host, ready)
+        saved = _Saved(t.device, host, ready, len(order))
         order.append(saved)
         return saved
 
@@ -109,9 +110,8 @@ def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats
         current.wait_event(saved.back_ready)
         out, saved.back = saved.back, None
         out.record_stream(current)
-        i = order.index(saved) if saved in order else -1
-        if i > 0 and order[i - 1].back is None:
-            fetch(order[i - 1])  # the next one backward is likely to want
+        if saved.index > 0 and order[saved.index - 1].back is None:
+            fetch(order[saved.index - 1])  # the next one backward is likely to want
         return out
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

@@ -16,7 +16,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 from slimtune import LoraConfig, get_peft_model  # noqa: E402
-from slimtune.kernels import llama_fused, rms_norm, rope, set_fast_path, swiglu  # noqa: E402
+from slimtune.kernels import llama_fused, lora_mlp, rms_norm, rope, set_fast_path, swiglu  # noqa: E402
 from slimtune.methods.lora.layer import LoraLayer  # noqa: E402
 
 SHAPE = dict(vocab_size=96, hidden_size=96, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
@@ -63,11 +63,12 @@ def _logits_and_grads(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor
 
 
 class _Counter:
-    """Counts calls of the three kernel entry points (so a test fails if the swap silently does nothing)."""
+    """Counts calls of the kernel entry points (so a test fails if the swap silently does nothing). In
+    training, an MLP whose three projections carry LoRA runs as one lora_mlp op (no separate swiglu)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.calls = {"rms_norm": 0, "apply_rope": 0, "swiglu": 0}
-        for module in (rms_norm, rope, swiglu):
+        self.calls = {"rms_norm": 0, "apply_rope": 0, "swiglu": 0, "lora_mlp": 0}
+        for module in (rms_norm, rope, swiglu, lora_mlp):
             for name in self.calls:
                 if hasattr(module, name):
                     monkeypatch.setattr(module, name, self._wrap(name, getattr(module, name)))
@@ -89,10 +90,10 @@ def test_patched_model_matches_unpatched(arch, monkeypatch, kernel_device):
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(0)).to(kernel_device)
     counter = _Counter(monkeypatch)
     want_logits, want = _logits_and_grads(plain, ids)
-    assert counter.calls == {"rms_norm": 0, "apply_rope": 0, "swiglu": 0}
+    assert counter.calls == {"rms_norm": 0, "apply_rope": 0, "swiglu": 0, "lora_mlp": 0}
     got_logits, got = _logits_and_grads(fused, ids)
     # forward and checkpoint recomputation: 5 norms, 2 ropes, 2 MLPs, each layer's twice
-    assert counter.calls == {"rms_norm": 9, "apply_rope": 4, "swiglu": 4}
+    assert counter.calls == {"rms_norm": 9, "apply_rope": 4, "swiglu": 0, "lora_mlp": 4}
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
     assert got.keys() == want.keys() and len(got) == 2 * 7 * 2
     for name in want:
@@ -172,7 +173,7 @@ def test_gpu_patched_model_matches_unpatched_bf16_autocast(arch, monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want_logits, want = _logits_and_grads(plain, ids)
         got_logits, got = _logits_and_grads(fused, ids)
-    assert swapped == 9 and counter.calls == {"rms_norm": 9, "apply_rope": 4, "swiglu": 4}
+    assert swapped == 9 and counter.calls == {"rms_norm": 9, "apply_rope": 4, "swiglu": 0, "lora_mlp": 4}
     rel = ((got_logits.float() - want_logits.float()).norm() / want_logits.float().norm()).item()
     assert rel < 2e-2
     for name in want:

@@ -6,7 +6,8 @@ get_peft_model calls it once on the model it wraps. For a known architecture (tr
 LlamaForCausalLM, Qwen2 and Mistral, whose RMSNorm, MLP and attention are Llama's line for line) it
 replaces, in this model only, each
     <Arch>RMSNorm   by FusedRMSNorm   (kernels/rms_norm.py)
-    <Arch>MLP       by FusedSwiGLU    (kernels/swiglu.py; only when hidden_act is silu)
+    <Arch>MLP       by FusedSwiGLU    (kernels/swiglu.py; only when hidden_act is silu; in training with
+                                       LoRA on gate, up and down: the whole MLP as kernels/lora_mlp.py)
     <Arch>Attention by FusedAttention (kernels/rope.py; q and k rotated in one launch)
 The transformers classes are never modified. Unknown architectures are left untouched.
 
@@ -97,10 +98,30 @@ class FusedSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels_apply(x):
+            projections = self._lora_projections(x)
+            if projections is not None:
+                from slimtune.kernels.lora_mlp import lora_mlp
+
+                out = lora_mlp(x, *projections)
+                return out.to(x.dtype) if any(p.state is not None for p in projections) else out
             from slimtune.kernels.swiglu import swiglu
 
             return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.plain_cls.forward(self, x)
+
+    def _lora_projections(self, x: torch.Tensor) -> tuple[Any, Any, Any] | None:
+        """In training, when gate, up and down are LoRA layers on the fused path with frozen biases, their
+        Projections for kernels/lora_mlp.py (one op, tiled backward); else None."""
+        if not torch.is_grad_enabled():
+            return None
+        projections = []
+        for layer in (self.gate_proj, self.up_proj, self.down_proj):
+            get = getattr(layer, "fused_projection", None)
+            p = get(x) if get is not None else None
+            if p is None or (p.bias is not None and p.bias.requires_grad):
+                return None
+            projections.append(p)
+        return tuple(projections)
 
 
 class FusedAttention(nn.Module):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-__all__ = ["swiglu", "swiglu_reference"]
+__all__ = ["swiglu", "swiglu_reference", "silu_mul", "silu_mul_backward"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _BLOCK = 2048
@@ -53,6 +53,27 @@ def _swiglu_backward(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexp
     tl.store(dg_ptr + offs, dg.to(dg_ptr.dtype.element_ty), mask=mask)
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """h = silu(g) * u by the forward kernel, no autograd (g, u contiguous CUDA tensors of one shape)."""
+    h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
+    n = g.numel()
+    if n:
+        _swiglu_forward[(triton.cdiv(n, _BLOCK),)](g, u, h, n, BLOCK=_BLOCK, num_warps=8)
+    return h
+
+
+def silu_mul_backward(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+                      du: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, du) of h = silu(g) * u by the backward kernel, no autograd; du may be dh itself (each element
+    of dh is read before its du is written)."""
+    dg = torch.empty_like(g)
+    du = torch.empty_like(u) if du is None else du
+    n = g.numel()
+    if n:
+        _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, g, u, dg, du, n, BLOCK=_BLOCK, num_warps=8)
+    return dg, du
+
+
 class _SwiGLU(torch.autograd.Function):
     """h = silu(g) u,  silu(g) = g sigmoid(g),  elementwise.
 
@@ -65,22 +86,13 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx: Any, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         g = g.contiguous()
         u = u.contiguous()
-        h = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
-        n = g.numel()
-        if n:
-            _swiglu_forward[(triton.cdiv(n, _BLOCK),)](g, u, h, n, BLOCK=_BLOCK, num_warps=8)
         ctx.save_for_backward(g, u)
-        return h
+        return silu_mul(g, u)
 
     @staticmethod
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g, u = ctx.saved_tensors
-        dh = dh.contiguous()
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        n = g.numel()
-        if n:
-            _swiglu_backward[(triton.cdiv(n, _BLOCK),)](dh, g, u, dg, du, n, BLOCK=_BLOCK, num_warps=8)
-        return dg, du
+        return silu_mul_backward(dh.contiguous(), g, u)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

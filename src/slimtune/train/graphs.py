@@ -120,8 +120,8 @@ class GraphedBackward:
         for p in self.params:
             p.grad = None
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # captured on the same side stream: its cuBLAS / cuDNN workspaces serve the graph too
+            with torch.cuda.graph(graph, stream=side):
                 loss = self.fn()
                 loss.backward()
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the step eager, with the reason

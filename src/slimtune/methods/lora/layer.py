@@ -150,6 +150,17 @@ class LoraLayer(nn.Module):
             return dtype == base.compute_dtype
         return type(base) is nn.Linear and not base.weight.requires_grad and (autocast or dtype == base.weight.dtype)
 
+    def fused_projection(self, x: torch.Tensor):
+        """This layer as a kernels.lora_mlp.Projection when the fused path takes x (see _fused_ok), else None."""
+        if not self._fused_ok(x):
+            return None
+        from slimtune.kernels.lora_mlp import Projection
+
+        adapter, base = self.adapters[self.active[0]], self.base_layer
+        state = base.quant_state if _is_4bit(base) else None
+        return Projection(base.weight, state, base.bias, adapter.lora_A.weight, adapter.lora_B.weight,
+                          adapter.scaling)
+
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         from slimtune.kernels.lora_linear import lora_linear
 

@@ -26,7 +26,10 @@ def test_same_seed_same_prompt_and_logits_as_peft(case, model_name, capsys):
     assert sorted(ours_sd) == sorted(theirs_sd) == ["prompt_embeddings"]
     torch.testing.assert_close(ours_sd["prompt_embeddings"], theirs_sd["prompt_embeddings"], rtol=0, atol=0)
     inputs = TINY_MODELS[model_name].inputs()
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=0, atol=0)
+    # prefix_proj: peft runs the projection MLP over (batch, n) rows, slimtune once over n rows and expands;
+    # CPU BLAS may round the two GEMM shapes differently (seen: 1.2e-7 with transformers 5.24 on 2 cores)
+    tol = dict(rtol=1e-5, atol=1e-6) if case == "prefix_proj" else dict(rtol=0, atol=0)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), **tol)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     ours.print_trainable_parameters()
     theirs.print_trainable_parameters()

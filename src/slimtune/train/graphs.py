@@ -45,7 +45,33 @@ from typing import Any
 
 import torch
 
-__all__ = ["GraphedBackward"]
+__all__ = ["GraphedBackward", "MaskReplay"]
+
+
+class MaskReplay:
+    """The attention-mask decision of eager calls, replayed while a stream captures (Note: transformers'
+    masks under capture). Hooks act only while `active` (inside the owner's own calls)."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.eager_none_mask: dict[torch.nn.Module, bool] = {}
+        self.active = False
+        self.hooks = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
+                      for m in (model.modules() if model is not None else ()) if type(m).__name__.endswith("Attention")]
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        if not self.active or "attention_mask" not in kwargs:
+            return None
+        if not torch.cuda.is_current_stream_capturing():
+            self.eager_none_mask[module] = self.eager_none_mask.get(module, True) and kwargs["attention_mask"] is None
+            return None
+        if kwargs["attention_mask"] is not None and self.eager_none_mask.get(module, False):
+            return args, {**kwargs, "attention_mask": None}
+        return None
+
+    def remove(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
 
 
 class GraphedBackward:
@@ -60,20 +86,19 @@ class GraphedBackward:
         self.loss: torch.Tensor | None = None
         self.calls = 0
         self.reason: str | None = None  # why the step is eager, once a capture failed
-        self.eager_none_mask: dict[torch.nn.Module, bool] = {}  # Note: transformers' masks under capture
-        self._active = False  # inside one of this step's own calls: the hooks ignore every other forward
-        self._hooks = [m.register_forward_pre_hook(self._mask_hook, with_kwargs=True)
-                       for m in (model.modules() if model is not None else ()) if type(m).__name__.endswith("Attention")]
+        self.masks = MaskReplay(model)  # Note: transformers' masks under capture
 
-    def _mask_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
-        if not self._active or "attention_mask" not in kwargs:
-            return None
-        if not torch.cuda.is_current_stream_capturing():
-            self.eager_none_mask[module] = self.eager_none_mask.get(module, True) and kwargs["attention_mask"] is None
-            return None
-        if kwargs["attention_mask"] is not None and self.eager_none_mask.get(module, False):
-            return args, {**kwargs, "attention_mask": None}
-        return None
+    @property
+    def eager_none_mask(self) -> dict[torch.nn.Module, bool]:
+        return self.masks.eager_none_mask
+
+    @property
+    def _active(self) -> bool:  # inside one of this step's own calls: the hooks ignore every other forward
+        return self.masks.active
+
+    @_active.setter
+    def _active(self, value: bool) -> None:
+        self.masks.active = value
 
     @property
     def captured(self) -> bool:
@@ -100,9 +125,7 @@ class GraphedBackward:
 
     def remove_hooks(self) -> None:
         """Take the mask hooks off the model (the captured graph keeps working)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks = []
+        self.masks.remove()
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """Clear the gradients before the next eager call; after the capture, replays overwrite them."""

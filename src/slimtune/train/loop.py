@@ -76,6 +76,13 @@ class Trainer:
             save_adapter=save_adapter,
         )
         self.state = TrainState(data_seed=self.plan.seed)
+        self.graphs = self.build_graphs() if cfg.cuda_graphs else None
+
+    def build_graphs(self) -> Any:
+        """train.cuda_graphs: the micro-batch graphs (train/graph_steps.py); a clear error where they cannot run."""
+        from slimtune.train.graph_steps import GraphSteps
+
+        return GraphSteps(self.model, self.params, self.amp_dtype)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -153,6 +160,9 @@ class Trainer:
         n_loss_tokens = max(1, int(sum(count_loss_tokens(b["labels"]) for b in group)))
         total = torch.zeros((), device=self.device)
         for batch in group:
+            if self.graphs is not None and self.graphs.takes(batch):  # Note: graphs in the SFT loop
+                total += self.graphs(batch, n_loss_tokens)
+                continue
             with self.autocast(), self.offload():
                 loss_sum, _ = forward_loss(self.model, batch, self.device, self.logits_to_keep)
                 loss = loss_sum / n_loss_tokens + self.regularization() / len(group)  # penalty once per step
@@ -177,7 +187,7 @@ class Trainer:
         update_and_allocate = getattr(self.model, "update_and_allocate", None)
         if callable(update_and_allocate):  # PEFT per-step bookkeeping (AdaLoRA ranks: reads the grads)
             update_and_allocate(self.state.step)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=self.graphs is None or not self.graphs.owns_grads)  # graphs add into .grad
         return grad_norm
 
     def autocast(self) -> Any:

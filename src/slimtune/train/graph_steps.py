@@ -1,0 +1,193 @@
+"""CUDA graphs in `slimtune train` (train.cuda_graphs): each micro-batch's forward + backward replayed as
+a graph, one graph per (rows, length bucket).
+
+    steps = GraphSteps(model, params, amp_dtype)     # the Trainer builds it when train.cuda_graphs
+    if steps.takes(batch):
+        loss_sum = steps(batch, n_loss_tokens)       # grads of loss_sum / n_loss_tokens accumulate in .grad
+    ...
+    optimizer.zero_grad(set_to_none=False)           # the graphs own the .grad tensors: zero them in place
+
+# Note: graphs in the SFT loop
+train/graphs.py replays one fixed-shape step (the benchmark's). SFT batches differ in length, their loss
+tokens differ in number and place, and several micro-batches add into one gradient. So:
+  * a batch is right-padded (pad id 0, label IGNORE_INDEX) to its length rounded up to BUCKET tokens, and
+    each (rows, bucket) gets its own static input tensors and graph; the graphs share one memory pool
+    (they replay one after another on one stream, never at once). The pads change no loss or gradient:
+    causal attention never reaches them from a real token and their labels carry no loss (loss.py,
+    Note: right padding needs no attention mask), so the batch goes in with no attention mask at all;
+  * the loss is the chunked cross-entropy from hidden states over every position, IGNORE_INDEX skipped
+    (fixed shapes; the eager loop computes only the positions that carry loss, so the sum is the same up
+    to rounding), times a static 1 / n_loss_tokens that is refilled before each replay;
+  * accumulation: the graphs add into .grad tensors that exist before the first capture and are never
+    replaced (AccumulateGrad adds in place when a gradient exists); the trainer zeroes them in place. A
+    capture that did not add in place (another torch) is refused: the run goes on eagerly;
+  * a bucket's first WARMUP calls run eagerly (they train like any other); then one more eager call on
+    the capture stream warms its workspaces, its gradient is taken back out, and the capture follows; the
+    call that captured replays once. If a capture fails, every later batch runs eagerly and `reason`
+    says why.
+Batches that cannot be replayed run eagerly (`takes` is False): packed rows (position_ids), left padding
+or any padding that loss.drop_right_padding_mask does not accept (models outside MASK_FREE_MODELS, a
+non-SDPA attention). Attention masks under capture: Note: transformers' masks under capture (graphs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slimtune.train.graphs import MaskReplay
+from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, hidden_token_loss, loss_head
+
+__all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported"]
+
+BUCKET = 128
+"""Sequence lengths are rounded up to a multiple of this: at most max_seq_len / BUCKET graphs per row count."""
+WARMUP = 2
+"""Eager calls of a bucket before its capture."""
+
+
+@dataclass
+class _Bucket:
+    """Static inputs of one (rows, length) shape, and its graph once captured."""
+
+    ids: torch.Tensor  # (B, L) long
+    labels: torch.Tensor  # (B, L) long
+    positions: torch.Tensor  # (L - 1,) every position
+    inv_n: torch.Tensor  # () fp32: 1 / loss tokens of the step
+    calls: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    loss: torch.Tensor | None = None
+
+
+def graphs_unsupported(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> str | None:
+    """Why train.cuda_graphs cannot run with this model and device, or None when it can."""
+    if device.type != "cuda":
+        return f"it needs a CUDA device; the run's device is {device}"
+    if amp_dtype == torch.float16:
+        return "precision fp16 (its loss scaler steps on the host); set train.precision: bf16 or fp32"
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return "multi-GPU runs (DDP/FSDP2) are not captured; train with one GPU or set train.cuda_graphs: false"
+    penalty = getattr(model, "regularization_loss", None)
+    if callable(penalty) and penalty() is not None:
+        return "the method adds a training penalty and reallocates ranks between steps (AdaLoRA); use LoRA, IA3 or DoRA"
+    if loss_head(model) is None:
+        return ("the loss must come from hidden states (fast path on, a plain bias-free LM head, a model type in "
+                "loss.PLAIN_HEAD_MODELS, no prompt-learning method)")
+    return None
+
+
+class GraphSteps:
+    """Forward + backward of the Trainer's micro-batches, replayed as CUDA graphs (see Note: graphs in the SFT loop)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], amp_dtype: torch.dtype | None,
+                 bucket: int | None = None, warmup: int | None = None) -> None:
+        device = next(p.device for p in params)
+        why = graphs_unsupported(model, device, amp_dtype)
+        if why is not None:
+            raise ValueError(f"train.cuda_graphs: {why}")
+        self.model, self.params, self.amp_dtype = model, params, amp_dtype
+        self.device, self.bucket = device, bucket or BUCKET
+        self.warmup = WARMUP if warmup is None else warmup
+        self.head = loss_head(model)
+        self.masks = MaskReplay(model)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.buckets: dict[tuple[int, int], _Bucket] = {}
+        self.grads: list[torch.Tensor] | None = None  # the .grad tensors every graph adds into
+        self.reason: str | None = None  # set when a capture failed: every later batch runs eagerly
+        self.replays = 0
+
+    @property
+    def owns_grads(self) -> bool:
+        """True once captured graphs hold the .grad tensors (zero them in place, never set them to None)."""
+        return self.grads is not None
+
+    def takes(self, batch: dict[str, torch.Tensor]) -> bool:
+        """Whether `batch` (collated, on the CPU) can go through a graph."""
+        if self.reason is not None or "position_ids" in batch:
+            return False
+        return batch.get("attention_mask") is None or drop_right_padding_mask(self.model, batch)
+
+    def __call__(self, batch: dict[str, torch.Tensor], n_loss_tokens: int) -> torch.Tensor:
+        """Add the gradient of sum(token losses of batch) / n_loss_tokens into .grad; return the sum (detached)."""
+        ids, labels = batch["input_ids"], batch["labels"]
+        rows, length = ids.shape
+        padded = -(-length // self.bucket) * self.bucket
+        b = self.buckets.get((rows, padded)) or self._new_bucket(rows, padded)
+        b.ids[:, :length].copy_(ids, non_blocking=True)
+        b.ids[:, length:].zero_()
+        b.labels[:, :length].copy_(labels, non_blocking=True)
+        b.labels[:, length:].fill_(IGNORE_INDEX)
+        b.inv_n.fill_(1.0 / n_loss_tokens)
+        if b.graph is None and b.calls >= self.warmup and self.reason is None:
+            self._capture(b)
+        b.calls += 1
+        if b.graph is None:
+            return self._eager(b)
+        b.graph.replay()
+        self.replays += 1
+        return b.loss.clone()  # the shared pool is another graph's scratch space after its next replay
+
+    def _new_bucket(self, rows: int, length: int) -> _Bucket:
+        dev = self.device
+        b = _Bucket(ids=torch.zeros(rows, length, dtype=torch.long, device=dev),
+                    labels=torch.full((rows, length), IGNORE_INDEX, dtype=torch.long, device=dev),
+                    positions=torch.arange(length - 1, device=dev), inv_n=torch.ones((), device=dev))
+        self.buckets[(rows, length)] = b
+        return b
+
+    def _loss_sum(self, b: _Bucket) -> torch.Tensor:
+        backbone, lm_head = self.head
+        seen: list[torch.Tensor] = []
+        handle = backbone.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
+        try:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                self.model(input_ids=b.ids, logits_to_keep=b.positions[:0], use_cache=False)
+                loss_sum, _ = hidden_token_loss(seen[0], lm_head.weight, b.labels, b.positions)
+        finally:
+            handle.remove()
+        return loss_sum
+
+    def _eager(self, b: _Bucket) -> torch.Tensor:
+        self.masks.active = True
+        try:
+            loss_sum = self._loss_sum(b)
+            (loss_sum * b.inv_n).backward()
+        finally:
+            self.masks.active = False
+        return loss_sum.detach()
+
+    def _capture(self, b: _Bucket) -> None:
+        if self.grads is None:  # from now on these tensors are the gradients (see Note: graphs in the SFT loop)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.grads = [p.grad for p in self.params]
+        held = [g.clone() for g in self.grads]  # this step's gradient so far
+        generator = torch.cuda.default_generators[self.device.index or 0]
+        rng = generator.clone_state()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
+        self.masks.active = True
+        try:
+            with torch.cuda.stream(side):  # warm the capture stream's workspaces and lazy state
+                (self._loss_sum(b) * b.inv_n).backward()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with torch.cuda.graph(graph, pool=self.pool, stream=side):
+                loss = self._loss_sum(b)
+                (loss * b.inv_n).backward()
+            b.loss = loss.detach()
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves the run eager, with the reason
+            self.reason, graph = f"{type(e).__name__}: {e}"[:500], None
+            generator.graphsafe_set_state(rng)
+        finally:
+            self.masks.active = False
+        if graph is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
+            self.reason, graph = "the captured backward replaced .grad instead of adding into it", None
+            for p, g in zip(self.params, self.grads):
+                p.grad = g
+        for g, h in zip(self.grads, held):  # take the warm call's gradient back out
+            g.copy_(h)
+        b.graph = graph

@@ -1,4 +1,4 @@
-"""`slimtune train`'s loop with and without train.cuda_graphs (train/graph_steps.py), same data and seed.
+"""`slimtune train`'s loop with train.cuda_graphs false and auto (the default; train/graph_steps.py), same data and seed.
 
     python benchmarks/loop_graphs_bench.py --assets .gpu_assets/smollm2-135m
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace, graphs: bool) -> dict:
     base = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
     peft = build_peft_config("lora", {"r": 16, "lora_alpha": 16, "target_modules": "all-linear"}, total_steps=args.steps)
     model = prepare_model(base, "lora", peft, gradient_checkpointing=args.checkpointing)
-    cfg = TrainConfig(cuda_graphs=graphs, device="cuda", precision="bf16", batch_size=args.batch, max_steps=args.steps,
+    cfg = TrainConfig(cuda_graphs="auto" if graphs else False, device="cuda", precision="bf16", batch_size=args.batch, max_steps=args.steps,
                       lr=1e-4, log_every=10, save_every=10**6, tensorboard=False, seed=args.seed,
                       gradient_checkpointing=args.checkpointing)
     data = rows(args.batch * args.steps, config.vocab_size, args.seed)

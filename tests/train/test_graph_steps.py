@@ -12,7 +12,7 @@ from tiny_run import build_llama, pad_collate, random_rows
 from slimtune.kernels import set_fast_path
 from slimtune.train import graph_steps
 from slimtune.train.config import TrainConfig
-from slimtune.train.graph_steps import GraphSteps, graphs_unsupported
+from slimtune.train.graph_steps import GraphSteps, auto_enabled, graphs_unsupported
 from slimtune.train.loop import Trainer, forward_loss
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.rng import seed_everything
@@ -39,10 +39,27 @@ def test_config_refuses_fp16_and_offload():
         TrainConfig(cuda_graphs=True, gradient_checkpointing=True, offload_checkpoints=True)
 
 
-def test_trainer_refuses_graphs_on_cpu(tmp_path):
+def test_trainer_refuses_graphs_on_cpu_and_auto_stays_off(tmp_path):
     cfg = TrainConfig(cuda_graphs=True, device="cpu", max_steps=1, tensorboard=False)
     with pytest.raises(ValueError, match="train.cuda_graphs: it needs a CUDA device; the run's device is cpu"):
         Trainer(_model(), cfg, random_rows(4), None, pad_collate, tmp_path, progress=False)
+    auto = TrainConfig(device="cpu", max_steps=1, tensorboard=False)
+    assert auto.cuda_graphs == "auto"
+    assert Trainer(_model(), auto, random_rows(4), None, pad_collate, tmp_path, progress=False).graphs is None
+    with pytest.raises(ValueError, match="train.cuda_graphs must be true, false or auto"):
+        TrainConfig(cuda_graphs="yes")
+
+
+def test_auto_only_for_lora_and_qlora_without_dora():
+    set_fast_path("on")
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    plain, offload = TrainConfig(), TrainConfig(gradient_checkpointing=True, offload_checkpoints=True)
+    assert auto_enabled(_model(), cuda, bf16, plain)
+    assert not auto_enabled(_model(), cuda, bf16, offload)
+    assert not auto_enabled(_model(), torch.device("cpu"), bf16, plain)
+    assert not auto_enabled(_model(peft={**LORA, "use_dora": True}), cuda, bf16, plain)
+    assert not auto_enabled(_model("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"],
+                                           "feedforward_modules": ["down_proj"]}), cuda, bf16, plain)
 
 
 def test_unsupported_reasons():

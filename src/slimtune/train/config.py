@@ -54,10 +54,12 @@ class TrainConfig:
     offload_checkpoints: bool = False
     """With gradient_checkpointing: keep each layer's saved input in pinned CPU memory until backward
     (long contexts: frees seq x hidden x 2 bytes per layer on the GPU, for one host copy each way)."""
-    cuda_graphs: bool = False
+    cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each micro-batch's forward + backward as a CUDA graph, one per (rows, length rounded up to
-    128) (train/graph_steps.py): removes the launch overhead of small steps. CUDA, bf16/fp32, LoRA-family
-    methods with the loss from hidden states; packed or left-padded batches run eagerly."""
+    128) (train/graph_steps.py): removes the launch overhead of small steps. true: on, with an error where
+    it cannot run (CPU, fp16, multi-GPU, AdaLoRA, prompt learning, ...); auto: on for LoRA/QLoRA without
+    DoRA on one CUDA device in bf16/fp32 without offload_checkpoints, else off; false: off. Packed or
+    left-padded batches always run eagerly."""
     eval_every: int | None = None
     """Evaluate (loss, perplexity) every this many steps; null evaluates only at the end."""
     early_stopping_patience: int | None = None
@@ -96,10 +98,12 @@ class TrainConfig:
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise ValueError("train.offload_checkpoints needs train.gradient_checkpointing: true (it offloads the "
                              "checkpointed layers' inputs; without checkpointing it would copy every activation)")
-        if self.cuda_graphs and self.precision == "fp16":
+        if self.cuda_graphs not in (True, False, "auto"):
+            raise ValueError(f"train.cuda_graphs must be true, false or auto, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is True and self.precision == "fp16":
             raise ValueError("train.cuda_graphs does not take precision fp16 (its loss scaler steps on the host); "
                              "allowed: bf16, fp32 or auto")
-        if self.cuda_graphs and self.offload_checkpoints:
+        if self.cuda_graphs is True and self.offload_checkpoints:
             raise ValueError("train.cuda_graphs and train.offload_checkpoints do not combine (host copies inside "
                              "a graph); choose one")
         if self.early_stopping_patience is not None and self.eval_every is None:

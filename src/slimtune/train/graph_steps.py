@@ -21,10 +21,12 @@ tokens differ in number and place, and several micro-batches add into one gradie
   * accumulation: the graphs add into .grad tensors that exist before the first capture and are never
     replaced (AccumulateGrad adds in place when a gradient exists); the trainer zeroes them in place. A
     capture that did not add in place (another torch) is refused: the run goes on eagerly;
-  * a bucket's first WARMUP calls run eagerly (they train like any other); then one more eager call on
-    the capture stream warms its workspaces, its gradient is taken back out, and the capture follows; the
-    call that captured replays once. If a capture fails, every later batch runs eagerly and `reason`
-    says why.
+  * a bucket's first call runs the step once eagerly on the capture stream (lazy state, workspaces, the
+    attention-mask decision), takes that gradient back out, captures, and replays: every step of a bucket
+    is a replay. That is what keeps a resumed run bit-identical to an uninterrupted one (tests/train/
+    test_gpu.py): had the first calls of a bucket been eager steps, a resumed process would run eagerly
+    the steps that the first process replayed, whose kernels and so bits can differ. If a capture fails,
+    every later batch runs eagerly (the loop's own eager path) and `reason` says why.
 Batches that cannot be replayed run eagerly (`takes` is False): packed rows (position_ids), left padding
 or any padding that loss.drop_right_padding_mask does not accept (models outside MASK_FREE_MODELS, a
 non-SDPA attention). Attention masks under capture: Note: transformers' masks under capture (graphs.py).
@@ -33,6 +35,7 @@ non-SDPA attention). Attention masks under capture: Note: transformers' masks un
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,12 +43,12 @@ from torch import nn
 from slimtune.train.graphs import MaskReplay
 from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, hidden_token_loss, loss_head
 
-__all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported"]
+__all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported", "auto_enabled"]
 
 BUCKET = 128
 """Sequence lengths are rounded up to a multiple of this: at most max_seq_len / BUCKET graphs per row count."""
-WARMUP = 2
-"""Eager calls of a bucket before its capture."""
+WARMUP = 0
+"""Eager training calls of a bucket before its capture (see Note: graphs in the SFT loop: 0 keeps resume exact)."""
 
 
 @dataclass
@@ -76,6 +79,17 @@ def graphs_unsupported(model: nn.Module, device: torch.device, amp_dtype: torch.
         return ("the loss must come from hidden states (fast path on, a plain bias-free LM head, a model type in "
                 "loss.PLAIN_HEAD_MODELS, no prompt-learning method)")
     return None
+
+
+def auto_enabled(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, cfg: Any) -> bool:
+    """train.cuda_graphs: auto: graphs can run (graphs_unsupported), no checkpoint offload, and the method is
+    one whose graph steps were compared with eager ones on a GPU (tests/train/test_graph_steps.py): LoRA or
+    QLoRA adapters without DoRA."""
+    if cfg.offload_checkpoints or graphs_unsupported(model, device, amp_dtype) is not None:
+        return False
+    configs = getattr(model, "peft_config", None) or {}
+    return bool(configs) and all(type(c).__name__ == "LoraConfig" and not getattr(c, "use_dora", False)
+                                 for c in configs.values())
 
 
 class GraphSteps:
@@ -166,7 +180,7 @@ class GraphSteps:
             self.grads = [p.grad for p in self.params]
         held = [g.clone() for g in self.grads]  # this step's gradient so far
         generator = torch.cuda.default_generators[self.device.index or 0]
-        rng = generator.clone_state()
+        rng, offset = generator.clone_state(), torch.cuda.get_rng_state(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
@@ -190,4 +204,6 @@ class GraphSteps:
                 p.grad = g
         for g, h in zip(self.grads, held):  # take the warm call's gradient back out
             g.copy_(h)
+        if graph is not None:  # nor do the warm call and the capture draw random numbers (dropout): resume stays exact
+            torch.cuda.set_rng_state(offset, self.device)
         b.graph = graph

@@ -76,13 +76,20 @@ class Trainer:
             save_adapter=save_adapter,
         )
         self.state = TrainState(data_seed=self.plan.seed)
-        self.graphs = self.build_graphs() if cfg.cuda_graphs else None
+        self.graphs = self.build_graphs()
 
     def build_graphs(self) -> Any:
-        """train.cuda_graphs: the micro-batch graphs (train/graph_steps.py); a clear error where they cannot run."""
-        from slimtune.train.graph_steps import GraphSteps
+        """The micro-batch graphs (train/graph_steps.py) as train.cuda_graphs says: true (an error where they
+        cannot run), auto (only where they run and were checked against eager: graph_steps.auto_enabled), false."""
+        from slimtune.train.graph_steps import GraphSteps, auto_enabled
 
-        return GraphSteps(self.model, self.params, self.amp_dtype)
+        mode = self.cfg.cuda_graphs
+        if mode is False or (mode == "auto" and not auto_enabled(self.model, self.device, self.amp_dtype, self.cfg)):
+            return None
+        graphs = GraphSteps(self.model, self.params, self.amp_dtype)
+        self.console.print(f"CUDA graphs on (train.cuda_graphs: {str(mode).lower()}): each batch shape is "
+                           "captured on first use, then replayed")
+        return graphs
 
     @property
     def checkpoint_dir(self) -> Path:

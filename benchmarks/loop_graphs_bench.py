@@ -4,7 +4,7 @@
 
 The SmolLM2-135M architecture (its config.json, random weights from the seed), LoRA r=16 on all seven
 projections, bf16, batch 8 of random rows 64-512 tokens long (a third of each row is prompt, no loss),
-right-padded to the longest row as the SFT collator does. Each run trains --steps optimizer steps; the
+right-padded to the longest row by the SFT collator. Each run trains --steps optimizer steps; the
 table gives the loop's own tokens/s (real tokens, metrics rows of 10 steps) after the first 20 steps
 (warmup and the captures), and the losses of both runs side by side.
 """
@@ -31,20 +31,10 @@ def rows(n: int, vocab: int, seed: int) -> list[dict[str, list[int]]]:
     return out
 
 
-def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    width = max(len(r["input_ids"]) for r in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, r in enumerate(batch):
-        n = len(r["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def run(args: argparse.Namespace, graphs: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from slimtune.data.collate import SFTCollator
     from slimtune.train.config import TrainConfig
     from slimtune.train.loop import Trainer
     from slimtune.train.methods import build_peft_config, prepare_model
@@ -60,7 +50,7 @@ def run(args: argparse.Namespace, graphs: bool) -> dict:
                       gradient_checkpointing=args.checkpointing)
     data = rows(args.batch * args.steps, config.vocab_size, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(model, cfg, data, None, collate, Path(tmp), progress=False)
+        trainer = Trainer(model, cfg, data, None, SFTCollator(pad_token_id=0), Path(tmp), progress=False)
         state = trainer.fit()
     metrics = [r for r in state.history if "loss" in r]
     late = [r["tokens_per_s"] for r in metrics if r["step"] > 20]

@@ -33,9 +33,9 @@ again during the capture, in place of the dense mask, and computes what it compu
 only right while every batch is like the warmup's: a batch with padding (an attention mask with zeros)
 must not go through a graph captured on one without. Packed rows (position_ids restarting per sample)
 must not be captured at all: transformers skips its packed-sequence detection under capture and would
-build a plain causal mask, attending across samples. This is why `slimtune train`, whose batches are
-padded to their longest row or packed, does not capture its steps yet (length buckets with one graph
-each, packing refused, is the plan); the benchmark's fixed-shape unpadded batches are the case it serves.
+build a plain causal mask, attending across samples. `slimtune train` replays its steps through
+train/graph_steps.py (Note: graphs in the SFT loop there): length buckets with one graph each, right
+padding left unmasked, packed rows refused.
 """
 
 from __future__ import annotations

@@ -65,10 +65,17 @@ def run_curve(model_dir: Path, method: str, precision: str, fast: str, args: arg
     from slimtune.train import RunConfig, run_training
 
     set_fast_path(fast)
+    data = {"path": "slimtune:wordnet_instruct", "max_rows": args.batch_size * args.steps}
+    if args.dry_run:  # 2 held-out rows, not the shipped 200: under the Triton interpreter each one costs seconds
+        from slimtune.data.loading import builtin_dataset_files
+
+        small = out.parent / "eval_small.jsonl"
+        small.write_text("".join(builtin_dataset_files(data["path"])[1].read_text().splitlines(True)[:2]))
+        data["eval_path"] = str(small)
     cfg = RunConfig.from_dict({
         "model": str(model_dir), "method": method,
         "peft": {"r": 16, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0},
-        "data": {"path": "slimtune:wordnet_instruct", "max_rows": args.batch_size * args.steps},
+        "data": data,
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
                   "lr": 1e-3, "warmup_steps": args.steps // 20, "scheduler": "cosine", "log_every": 1,
                   "save_every": args.steps, "precision": precision, "seed": args.seed, "device": args.device,

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from slimtune.train.graphs import MaskReplay
-from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, hidden_token_loss, loss_head
+from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, loss_head
 
 __all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported", "auto_enabled"]
 
@@ -152,16 +152,10 @@ class GraphSteps:
         return b
 
     def _loss_sum(self, b: _Bucket) -> torch.Tensor:
-        backbone, lm_head = self.head
-        seen: list[torch.Tensor] = []
-        handle = backbone.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
-        try:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                self.model(input_ids=b.ids, logits_to_keep=b.positions[:0], use_cache=False)
-                loss_sum, _ = hidden_token_loss(seen[0], lm_head.weight, b.labels, b.positions)
-        finally:
-            handle.remove()
-        return loss_sum
+        from slimtune.train.loop import _hidden_forward_loss
+
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return _hidden_forward_loss(self.model, self.head, {"input_ids": b.ids}, b.labels, b.positions)[0]
 
     def _eager(self, b: _Bucket) -> torch.Tensor:
         self.masks.active = True

@@ -152,8 +152,9 @@ class LoraLayer(nn.Module):
 
     def fused_projection(self, x: torch.Tensor):
         """This layer as a kernels.lora_mlp.Projection when the fused path takes x (see _fused_ok), else None."""
-        if not self._fused_ok(x):
-            return None
+        return self._projection() if self._fused_ok(x) else None
+
+    def _projection(self):
         from slimtune.kernels.lora_mlp import Projection
 
         adapter, base = self.adapters[self.active[0]], self.base_layer
@@ -164,12 +165,10 @@ class LoraLayer(nn.Module):
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         from slimtune.kernels.lora_linear import lora_linear
 
-        adapter, base = self.adapters[self.active[0]], self.base_layer
-        state = base.quant_state if _is_4bit(base) else None
-        bias = None if base.bias is None else base.bias.to(x.dtype)
-        out = lora_linear(x, base.weight, adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling,
-                          bias, state)
-        return out.to(x.dtype) if state is not None else out  # Linear4bit answers in x's dtype, nn.Linear in autocast's
+        p = self._projection()
+        bias = None if p.bias is None else p.bias.to(x.dtype)
+        out = lora_linear(x, p.weight, p.lora_a, p.lora_b, p.scaling, bias, p.state)
+        return out.to(x.dtype) if p.state is not None else out  # Linear4bit answers in x's dtype, nn.Linear in autocast's
 
     def __getattr__(self, name: str) -> Any:
         return base_layer_attribute(self, name)

@@ -120,16 +120,16 @@ class _LoraMLP(torch.autograd.Function):
         u, xa_u = _project(x2, up)
         four_bit = any(p.state is not None for p in projections)
         rows = rows or tile_rows(x2.shape[0], g.shape[1], g.element_size(), four_bit)
-        y = xa_d = None
-        if rows >= x2.shape[0]:  # one tile: no copies
+        n = x2.shape[0]
+        if rows >= n:  # one tile: no copies
             y, xa_d = _project(_silu_mul(g, u), down)
-        for s in range(0, x2.shape[0] if y is None else 0, rows):  # h a tile at a time
-            y_t, xa_t = _project(_silu_mul(g[s:s + rows], u[s:s + rows]), down)  # (t, C'), (t, r)
-            if y is None:
-                y = y_t.new_empty(x2.shape[0], y_t.shape[1])
-                xa_d = xa_t.new_empty(x2.shape[0], xa_t.shape[1])
-            y[s:s + rows], xa_d[s:s + rows] = y_t, xa_t
-            del y_t, xa_t
+        else:  # h a tile at a time, each tile's output written into y
+            y = xa_d = None
+            for s in range(0, n, rows):
+                y_t, xa_t = _project(_silu_mul(g[s:s + rows], u[s:s + rows]), down)  # (t, C'), (t, r)
+                if y is None:
+                    y, xa_d = y_t.new_empty(n, y_t.shape[1]), xa_t.new_empty(n, xa_t.shape[1])
+                y[s:s + rows], xa_d[s:s + rows] = y_t, xa_t
         ctx.save_for_backward(x2, g, u, xa_g, xa_u, xa_d)
         ctx.projections, ctx.x_shape, ctx.rows = projections, x.shape, rows
         return y.reshape(*x.shape[:-1], y.shape[-1])

@@ -14,6 +14,8 @@ SLIMTUNE_FUSED_LAYERS=rmsnorm,rope python benchmarks/train_bench.py --fused-laye
 prepare_model_for_kbit_training, which upcasts norms, embeddings and head to fp32).
 --offload adds a slimtune row with the checkpointed layer inputs offloaded to pinned host memory
 ("st-offload", train.offload_checkpoints) to each workload, with its ratios to the baseline.
+--graph-nockpt adds st-graph without gradient checkpointing ("st-graph-nockpt": no recompute, every
+layer's activations kept; `slimtune train`'s default, train.gradient_checkpointing: false).
 --repeats 2 measures every row twice, the order of the libraries reversed in the second round, and
 keeps each side's fastest round (slimtune's rounds differed by up to 23% on one H200).
 On a machine without CUDA the rows run on CPU (tiny workloads only; with SLIMTUNE_FAST_PATH=on
@@ -42,7 +44,8 @@ def _run(args: argparse.Namespace, fused: bool, baseline: bool) -> BenchReport:
                          baseline=baseline, skip_baseline=tuple(args.skip_baseline),
                          max_step_seconds=args.max_step_seconds, offload=baseline and args.offload,
                          repeats=args.repeats, kbit_baseline=baseline and args.kbit,
-                         cuda_graph=baseline and args.graph)
+                         cuda_graph=baseline and args.graph,
+                         graph_no_checkpoint=baseline and args.graph_nockpt)
     finally:
         if before is None:
             os.environ.pop(ENV_FLAG, None)
@@ -98,6 +101,9 @@ if __name__ == "__main__":
     p.add_argument("--offload", action="store_true", help="also a slimtune row with checkpoint offload")
     p.add_argument("--graph", action="store_true",
                    help="also a slimtune row with forward + backward replayed as a CUDA graph (st-graph)")
+    p.add_argument("--graph-nockpt", action="store_true",
+                   help="also a st-graph row without gradient checkpointing (st-graph-nockpt), as slimtune train "
+                        "runs by default")
     p.add_argument("--kbit", action="store_true",
                    help="4-bit workloads: also a peft+bnb row with peft's prepare_model_for_kbit_training")
     p.add_argument("--json")

@@ -90,3 +90,44 @@ def test_kbit_baseline_row():
     assert report.rows[2].loss == pytest.approx(report.rows[0].loss, rel=1e-3)
     assert report.ratio("tiny-qlora-b2", KBIT)["speedup"] > 0
     assert KBIT in format_table(report)
+
+
+def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
+    """--graph-nockpt: a row built without gradient checkpointing. Each decoder layer runs its forward once
+    (its norm, inside the checkpointed function) per step there, against twice (forward + recompute in backward) in the checkpointed slimtune row; the
+    first losses are equal and the table gives the row its ratios."""
+    pytest.importorskip("peft")
+    import slimtune.bench.training as training
+    from slimtune.bench.run import GRAPH_NOCKPT
+
+    calls: dict[int, int] = {}
+    real = training._wrap_slimtune
+
+    def counting(model, checkpointing=True):
+        wrapped = real(model, checkpointing)
+        key = len(calls)
+        calls[key] = 0
+        inner = model.model.layers[0].input_layernorm  # inside the checkpoint: runs again in the recompute
+        inner.register_forward_hook(lambda *_: calls.__setitem__(key, calls[key] + 1))
+        return wrapped
+
+    monkeypatch.setattr(training, "_wrap_slimtune", counting)
+    report = run_bench(["tiny-lora-b2"], device="cpu", seq_len=16, warmup=1, steps=2, verbose=False,
+                       baseline=True, graph_no_checkpoint=True)
+    assert [r.library for r in report.rows] == ["slimtune", "peft", GRAPH_NOCKPT]
+    assert calls == {0: 2 * 3, 1: 3}  # 3 steps: checkpointed layers recompute, the nockpt row does not
+    assert report.rows[2].note == "eager: no CUDA"
+    assert report.rows[2].loss == pytest.approx(report.rows[0].loss, rel=1e-5)
+    assert report.ratio("tiny-lora-b2", library=GRAPH_NOCKPT)["speedup"] > 0
+    assert GRAPH_NOCKPT in format_table(report).splitlines()[-1] and "x" in format_table(report).splitlines()[-1]
+
+
+def test_nockpt_and_offload_are_refused_together():
+    import torch
+
+    from slimtune.bench.run import WORKLOADS
+    from slimtune.bench.training import measure
+
+    with pytest.raises(ValueError, match="offload needs checkpointing"):
+        measure(WORKLOADS["tiny-lora-b2"], "slimtune", torch.device("cpu"), torch.float32, 16, 1, 1, offload=True,
+                checkpointing=False)

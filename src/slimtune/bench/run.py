@@ -23,6 +23,7 @@ __all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table"]
 
 OFFLOAD = "st-offload"
 GRAPH = "st-graph"
+GRAPH_NOCKPT = "st-graph-nockpt"
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("1b-lora-b4", "1b", False, 4),
@@ -96,7 +97,8 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
               seq_len: int = 2048, warmup: int = 2, steps: int = 3, baseline: bool = True,
               skip_baseline: tuple[str, ...] = (), peak_flops: float = 790e12, max_step_seconds: float = 60.0,
               json_path: str | None = None, verbose: bool = True, offload: bool = False,
-              repeats: int = 1, kbit_baseline: bool = False, cuda_graph: bool = False) -> BenchReport:
+              repeats: int = 1, kbit_baseline: bool = False, cuda_graph: bool = False,
+              graph_no_checkpoint: bool = False) -> BenchReport:
     """Run the workloads for slimtune and (unless baseline=False) peft / peft+bitsandbytes; print the table.
 
     Args:
@@ -116,6 +118,8 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
             peft's prepare_model_for_kbit_training (fp32 upcast of norms, embeddings and head).
         cuda_graph: also a row "st-graph": slimtune with forward + backward replayed as a CUDA graph
             (train/graphs.py), measured in the same rounds.
+        graph_no_checkpoint: also a row "st-graph-nockpt": st-graph without gradient checkpointing (no
+            recompute, every layer's activations kept), the default of `slimtune train`.
     """
     names = list(workloads or DEFAULT_WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
@@ -127,7 +131,8 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
     report = BenchReport([], card, _versions(), dict(seq_len=seq_len, warmup=warmup, steps=steps, dtype=str(dtype),
                                                       peak_flops=peak_flops, lora="r=16 alpha=16 dropout=0 7 proj",
                                                       offload=offload, repeats=repeats, kbit_baseline=kbit_baseline,
-                                                      cuda_graph=cuda_graph))
+                                                      cuda_graph=cuda_graph,
+                                                      graph_no_checkpoint=graph_no_checkpoint))
     for name in names:
         work = WORKLOADS[name]
         libraries = ["slimtune"]
@@ -139,11 +144,14 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
             libraries.append(OFFLOAD)
         if cuda_graph:
             libraries.append(GRAPH)
+        if graph_no_checkpoint:
+            libraries.append(GRAPH_NOCKPT)
         best: dict[str, Measurement] = {}
         for round_ in range(max(1, repeats)):
             for library in libraries if round_ % 2 == 0 else libraries[::-1]:
                 row = measure(work, library, dev, dtype, seq_len, warmup, steps, max_step_seconds,
-                              offload=library == OFFLOAD, cuda_graph=library == GRAPH)
+                              offload=library == OFFLOAD, cuda_graph=library in (GRAPH, GRAPH_NOCKPT),
+                              checkpointing=library != GRAPH_NOCKPT)
                 row.mfu = row.tokens_per_s * flops_per_token(work.preset, seq_len) / peak_flops
                 if verbose:
                     print(f"[bench] round {round_ + 1}: {row}", flush=True)
@@ -170,9 +178,9 @@ def format_table(report: BenchReport) -> str:
         if r.status != "ok":
             lines.append(f"{r.workload:<14} {r.library:<13} {r.status}")
             continue
-        # the slimtune line: ratios to the plain baseline; the kbit line: slimtune's ratios to it
-        ratio = report.ratio(r.workload) if r.library == "slimtune" else \
-            report.ratio(r.workload, KBIT) if r.library == KBIT else None
+        # slimtune's lines (st-* variants too): ratios to the plain baseline; the kbit line: slimtune's to it
+        ratio = report.ratio(r.workload, KBIT) if r.library == KBIT else \
+            None if r.library.startswith("peft") else report.ratio(r.workload, library=r.library)
         tail = f" {ratio['speedup']:>7.2f}x {ratio['memory']:>5.2f}x" if ratio else ""
         tail += f"  ({r.note})" if r.note else ""
         lines.append(f"{r.workload:<14} {r.library:<13} {r.tokens_per_s:>9.1f} {r.peak_gib:>9.2f} {r.model_gib:>9.2f} "

@@ -60,10 +60,10 @@ def _memory(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _wrap_slimtune(model: nn.Module) -> nn.Module:
+def _wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model)
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
     return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
 
 
@@ -100,21 +100,25 @@ def _peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def measure(work: Workload, library: str, device: torch.device, dtype: torch.dtype, seq_len: int,
             warmup: int, steps: int, max_step_seconds: float = 60.0, seed: int = 0,
-            offload: bool = False, cuda_graph: bool = False) -> Measurement:
+            offload: bool = False, cuda_graph: bool = False, checkpointing: bool = True) -> Measurement:
     """Build, train and time one (workload, library) pair; frees everything before returning.
 
     offload=True (slimtune only) runs each forward under offload_saved_tensors(): the checkpointed
     layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
     cuda_graph=True (slimtune only) replays forward + backward as one CUDA graph after the first warmup
     step (train/graphs.py); the optimizer step stays eager.
+    checkpointing=False (slimtune only) trains without gradient checkpointing: every layer keeps its
+    activations (no recompute), as `slimtune train` does by default (train.gradient_checkpointing: false).
     """
     row = Measurement(work.name, library)
-    if (offload or cuda_graph) and not library_is_slimtune(row):
-        raise ValueError(f"offload and cuda_graph are slimtune's; the baseline {library!r} has no such switch")
-    if offload and cuda_graph:
-        raise ValueError("offload and cuda_graph do not combine (host copies inside a graph)")
+    if (offload or cuda_graph or not checkpointing) and not library_is_slimtune(row):
+        raise ValueError(f"offload, cuda_graph and checkpointing=False are slimtune's; the baseline {library!r} "
+                         "always checkpoints")
+    if offload and (cuda_graph or not checkpointing):
+        raise ValueError("offload needs checkpointing and does not combine with cuda_graph (host copies inside a graph)")
     try:
-        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload, cuda_graph)
+        _train(row, work, device, dtype, seq_len, warmup, steps, max_step_seconds, seed, offload, cuda_graph,
+               checkpointing)
     except torch.OutOfMemoryError:
         row.status = "OOM"
     gc.collect()
@@ -128,14 +132,14 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
 
 def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.dtype, seq_len: int,
            warmup: int, steps: int, max_step_seconds: float, seed: int, offload: bool,
-           cuda_graph: bool = False) -> None:
+           cuda_graph: bool = False, checkpointing: bool = True) -> None:
     base_mem = _memory(device)
     quantizer = None
     if work.quantized:
         quantizer = slimtune_quantizer if library_is_slimtune(row) else bnb_quantizer
     model = build_llama(work.preset, device, dtype, quantizer, seed=seed, max_positions=max(seq_len, 64))
     row.model_gib = (_memory(device) - base_mem) / 2**30
-    model = _wrap_slimtune(model) if library_is_slimtune(row) else _wrap_peft(model, work.quantized, row.library == KBIT)
+    model = _wrap_slimtune(model, checkpointing) if library_is_slimtune(row) else _wrap_peft(model, work.quantized, row.library == KBIT)
     model.train()
     loss_fn = _slimtune_loss if library_is_slimtune(row) else _peft_loss
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

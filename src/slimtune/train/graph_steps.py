@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.train.graphs import MaskReplay
+from slimtune.train.graphs import MaskReplay, capture_step
 from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, loss_head
 
 __all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported", "auto_enabled"]
@@ -173,23 +173,19 @@ class GraphSteps:
                     p.grad = torch.zeros_like(p)
             self.grads = [p.grad for p in self.params]
         held = [g.clone() for g in self.grads]  # this step's gradient so far
-        generator = torch.cuda.default_generators[self.device.index or 0]
-        rng, offset = generator.clone_state(), torch.cuda.get_rng_state(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
+        offset = torch.cuda.get_rng_state(self.device)
+
+        def step() -> torch.Tensor:
+            loss = self._loss_sum(b)
+            (loss * b.inv_n).backward()
+            return loss
+
+        graph: torch.cuda.CUDAGraph | None = None
         self.masks.active = True
         try:
-            with torch.cuda.stream(side):  # warm the capture stream's workspaces and lazy state
-                (self._loss_sum(b) * b.inv_n).backward()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(graph, pool=self.pool, stream=side):
-                loss = self._loss_sum(b)
-                (loss * b.inv_n).backward()
-            b.loss = loss.detach()
+            graph, b.loss = capture_step(step, self.device, self.pool)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the run eager, with the reason
-            self.reason, graph = f"{type(e).__name__}: {e}"[:500], None
-            generator.graphsafe_set_state(rng)
+            self.reason = f"{type(e).__name__}: {e}"[:500]
         finally:
             self.masks.active = False
         if graph is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GraphedBackward", "MaskReplay"]
+__all__ = ["GraphedBackward", "MaskReplay", "capture_step"]
 
 
 class MaskReplay:
@@ -133,24 +133,43 @@ class GraphedBackward:
             optimizer.zero_grad(set_to_none=True)
 
     def _capture(self) -> None:
-        generator = torch.cuda.default_generators[torch.cuda.current_device()]
-        rng = generator.clone_state()  # a failed capture leaves the generator mid-capture: restore it
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # one eager call on the capture stream first (lazy state, workspaces)
-            self.fn().backward()
-        torch.cuda.current_stream().wait_stream(side)
-        for p in self.params:
-            p.grad = None
-        graph = torch.cuda.CUDAGraph()
-        try:  # captured on the same side stream: its cuBLAS / cuDNN workspaces serve the graph too
-            with torch.cuda.graph(graph, stream=side):
-                loss = self.fn()
-                loss.backward()
+        try:
+            self.graph, self.loss = capture_step(self._step, between=self._clear_grads)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the step eager, with the reason
             self.reason = f"{type(e).__name__}: {e}"[:500]
-            generator.graphsafe_set_state(rng)
-            for p in self.params:
-                p.grad = None
-            return
-        self.graph, self.loss = graph, loss.detach()
+            self._clear_grads()
+
+    def _step(self) -> torch.Tensor:
+        loss = self.fn()
+        loss.backward()
+        return loss
+
+    def _clear_grads(self) -> None:  # the capture allocates the gradients that each replay writes anew
+        for p in self.params:
+            p.grad = None
+
+
+def capture_step(step: Callable[[], torch.Tensor], device: torch.device | None = None,
+                 pool: Any = None, between: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, loss): step() (forward + backward, returns the loss) called once eagerly on a new side
+    stream, then captured on that same stream, so that the cuBLAS / cuDNN workspaces and lazy state the
+    eager call set up serve the graph. between() runs after the eager call. If anything raises, the CUDA
+    generator gets its state back (a failed capture leaves it mid-capture) and the error propagates."""
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    rng = generator.clone_state()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if between is not None:
+            between()
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            loss = step()
+    except BaseException:
+        generator.graphsafe_set_state(rng)
+        raise
+    return graph, loss.detach()

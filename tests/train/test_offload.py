@@ -82,7 +82,8 @@ def test_trainer_run_with_offload_equals_run_without(tmp_path: Path, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_offload_side_stream_gives_identical_grads() -> None:
-    """On CUDA the copies run on a side stream with a prefetch (Note: copies beside the compute): the
+    """On CUDA the copies run on a side stream with a prefetch (Note: copies beside the compute), or
+    synchronously to pageable memory (all tensors; or the 128 KiB layer inputs while smaller ones stay pinned): the
     gradients match those without offload over repeated steps (to the run-to-run spread of the attention
     backward, which may accumulate with atomics; a copy race would give garbage)."""
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -99,8 +100,9 @@ def test_cuda_offload_side_stream_gives_identical_grads() -> None:
     ids = torch.randint(0, 256, (4, 256), generator=torch.Generator().manual_seed(0)).cuda()
     params = [p for p in model.parameters() if p.requires_grad]
     runs = []
-    for on in (False, True, True, False, True):
-        with offload.offload_saved_tensors(min_bytes=0) if on else nullcontext(offload.OffloadStats()) as stats:
+    for on, pageable in ((False, None), (True, None), (True, 0), (False, None), (True, None), (True, 1 << 17)):
+        saving = offload.offload_saved_tensors(min_bytes=0, pageable_bytes=pageable)
+        with saving if on else nullcontext(offload.OffloadStats()) as stats:
             loss = _slimtune_loss(model, ids)
         loss.backward()
         runs.append((on, stats.tensors, [p.grad.clone() for p in params]))

@@ -18,6 +18,14 @@ the copy has read it. Back: backward unpacks in about the reverse order of packi
 tensor also starts bringing back the one packed just before it (a prefetch on the side stream); the
 compute stream waits on that copy's event before it reads the tensor. At most one prefetched tensor
 waits on the device beyond the one in use.
+
+# Note: exact host sizes
+torch's pinned-memory cache rounds every block up to a power of two. At 350k tokens a layer input is
+2.87 GB and takes a 4 GiB block, so 33 of them asked for 132 GiB and the H200 machine's 128 GiB host
+killed the run (first full 32-layer try, 2026-11-29). Tensors of PAGEABLE_BYTES or more therefore go to
+plain (pageable) host memory of their exact size, copied synchronously on the compute stream: such a
+copy takes ~0.2 s next to a layer step of seconds, and a pageable source may be freed as soon as the
+copy back has been issued, so no event has to guard it.
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ __all__ = ["OffloadStats", "offload_saved_tensors"]
 
 MIN_BYTES = 1 << 20
 """Smaller saved tensors stay on the device: a host round trip would cost more than they hold."""
+
+PAGEABLE_BYTES = 1 << 28
+"""Saved tensors this large go to pageable host memory, copied synchronously (Note: exact host sizes)."""
 
 
 @dataclass
@@ -57,11 +68,13 @@ class _Saved:
 
 
 @contextmanager
-def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats]:
+def offload_saved_tensors(min_bytes: int | None = None, pageable_bytes: int | None = None) -> Iterator[OffloadStats]:
     """Within the block, tensors saved for backward (>= min_bytes, default MIN_BYTES; not parameters)
-    live on the CPU; the yielded stats count them."""
+    live on the CPU; the yielded stats count them. CUDA tensors of pageable_bytes or more (default
+    PAGEABLE_BYTES) go to pageable memory (Note: exact host sizes), smaller ones to pinned memory."""
     stats = OffloadStats()
     min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+    pageable_bytes = PAGEABLE_BYTES if pageable_bytes is None else pageable_bytes
     order: list[_Saved] = []  # in packing order, for the prefetch
     streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -75,7 +88,7 @@ def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats
         if isinstance(t, nn.Parameter) or size < min_bytes or t.layout != torch.strided:
             return t
         stats.tensors, stats.bytes = stats.tensors + 1, stats.bytes + size
-        if not t.is_cuda:
+        if not t.is_cuda or size >= pageable_bytes:  # a synchronous copy; unpack copies it back the same way
             return _Saved(t.device, t.to("cpu", copy=True), None)
         stream = side(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))
@@ -102,7 +115,7 @@ def offload_saved_tensors(min_bytes: int | None = None) -> Iterator[OffloadStats
         if isinstance(packed, torch.Tensor):
             return packed
         saved: _Saved = packed
-        if saved.ready is None:  # CPU tensors: a plain copy back
+        if saved.ready is None:  # CPU or pageable: a plain copy back
             return saved.host.to(saved.device)
         if saved.back is None:
             fetch(saved)

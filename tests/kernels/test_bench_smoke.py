@@ -93,7 +93,7 @@ def test_kbit_baseline_row():
 
 
 def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
-    """--graph-nockpt: a row built without gradient checkpointing. Each decoder layer runs its forward once
+    """--graph-nockpt: a row built without gradient checkpointing, and a peft row without it too. Each decoder layer runs its forward once
     (its norm, inside the checkpointed function) per step there, against twice (forward + recompute in backward) in the checkpointed slimtune row; the
     first losses are equal and the table gives the row its ratios."""
     pytest.importorskip("peft")
@@ -112,14 +112,30 @@ def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(training, "_wrap_slimtune", counting)
+    peft_wraps: dict[str, list[bool]] = {}  # per baseline row: was gradient checkpointing on in each layer
+    real_peft = training._wrap_peft
+
+    def peft_spy(model, quantized, kbit=False, checkpointing=True):
+        wrapped = real_peft(model, quantized, kbit, checkpointing)
+        name = "peft" if checkpointing else "peft-nockpt"
+        peft_wraps[name] = [layer.gradient_checkpointing for layer in model.model.layers]
+        return wrapped
+
+    monkeypatch.setattr(training, "_wrap_peft", peft_spy)
     report = run_bench(["tiny-lora-b2"], device="cpu", seq_len=16, warmup=1, steps=2, verbose=False,
                        baseline=True, graph_no_checkpoint=True)
-    assert [r.library for r in report.rows] == ["slimtune", "peft", GRAPH_NOCKPT]
+    assert [r.library for r in report.rows] == ["slimtune", "peft", GRAPH_NOCKPT, "peft-nockpt"]
     assert calls == {0: 2 * 3, 1: 3}  # 3 steps: checkpointed layers recompute, the nockpt row does not
+    assert "peft-nockpt" in peft_wraps and peft_wraps["peft-nockpt"] == [False] * len(peft_wraps["peft-nockpt"])
+    assert peft_wraps["peft"] and all(peft_wraps["peft"])
+    assert report.rows[3].loss == pytest.approx(report.rows[0].loss, rel=1e-3)
+    assert report.ratio("tiny-lora-b2", "peft-nockpt", GRAPH_NOCKPT)["speedup"] > 0
     assert report.rows[2].note == "eager: no CUDA"
     assert report.rows[2].loss == pytest.approx(report.rows[0].loss, rel=1e-5)
     assert report.ratio("tiny-lora-b2", library=GRAPH_NOCKPT)["speedup"] > 0
-    assert GRAPH_NOCKPT in format_table(report).splitlines()[-1] and "x" in format_table(report).splitlines()[-1]
+    nockpt_line, peft_line = format_table(report).splitlines()[-2:]
+    assert nockpt_line.startswith("tiny-lora-b2   st-graph-nockpt") and nockpt_line.endswith("x  (eager: no CUDA)")
+    assert peft_line.startswith("tiny-lora-b2   peft-nockpt") and peft_line.endswith("x")
 
 
 def test_nockpt_and_offload_are_refused_together():

@@ -24,6 +24,7 @@ __all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table"]
 OFFLOAD = "st-offload"
 GRAPH = "st-graph"
 GRAPH_NOCKPT = "st-graph-nockpt"
+NOCKPT = "-nockpt"  # suffix of a baseline row without gradient checkpointing, paired with GRAPH_NOCKPT
 
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
     Workload("1b-lora-b4", "1b", False, 4),
@@ -119,7 +120,8 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
         cuda_graph: also a row "st-graph": slimtune with forward + backward replayed as a CUDA graph
             (train/graphs.py), measured in the same rounds.
         graph_no_checkpoint: also a row "st-graph-nockpt": st-graph without gradient checkpointing (no
-            recompute, every layer's activations kept), the default of `slimtune train`.
+            recompute, every layer's activations kept), the default of `slimtune train`, and (with the
+            baseline) a "peft-nockpt" / "peft+bnb-nockpt" row without it either, to compare like with like.
     """
     names = list(workloads or DEFAULT_WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
@@ -146,12 +148,14 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
             libraries.append(GRAPH)
         if graph_no_checkpoint:
             libraries.append(GRAPH_NOCKPT)
+            if baseline and name not in skip_baseline:
+                libraries.append(("peft+bnb" if work.quantized else "peft") + NOCKPT)
         best: dict[str, Measurement] = {}
         for round_ in range(max(1, repeats)):
             for library in libraries if round_ % 2 == 0 else libraries[::-1]:
                 row = measure(work, library, dev, dtype, seq_len, warmup, steps, max_step_seconds,
                               offload=library == OFFLOAD, cuda_graph=library in (GRAPH, GRAPH_NOCKPT),
-                              checkpointing=library != GRAPH_NOCKPT)
+                              checkpointing=not library.endswith(NOCKPT))
                 row.mfu = row.tokens_per_s * flops_per_token(work.preset, seq_len) / peak_flops
                 if verbose:
                     print(f"[bench] round {round_ + 1}: {row}", flush=True)
@@ -178,8 +182,11 @@ def format_table(report: BenchReport) -> str:
         if r.status != "ok":
             lines.append(f"{r.workload:<14} {r.library:<13} {r.status}")
             continue
-        # slimtune's lines (st-* variants too): ratios to the plain baseline; the kbit line: slimtune's to it
+        # slimtune's lines (st-* variants too): ratios to the plain baseline; the kbit line: slimtune's to it;
+        # a -nockpt baseline line: st-graph-nockpt's to it
         ratio = report.ratio(r.workload, KBIT) if r.library == KBIT else \
+            report.ratio(r.workload, r.library, GRAPH_NOCKPT) if r.library.endswith(NOCKPT) and \
+            r.library.startswith("peft") else \
             None if r.library.startswith("peft") else report.ratio(r.workload, library=r.library)
         tail = f" {ratio['speedup']:>7.2f}x {ratio['memory']:>5.2f}x" if ratio else ""
         tail += f"  ({r.note})" if r.note else ""

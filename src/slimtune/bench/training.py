@@ -70,14 +70,14 @@ def _wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
 KBIT = "peft+bnb-kbit"
 
 
-def _wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False) -> nn.Module:
+def _wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False, checkpointing: bool = True) -> nn.Module:
     import peft
 
     model.is_loaded_in_4bit = quantized  # what transformers sets; peft dispatches bnb layers on it
     if kbit:  # the tutorial recipe: upcasts every bf16 parameter (norms, embeddings, head) to fp32
         peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                              gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0,
@@ -107,13 +107,15 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
     layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
     cuda_graph=True (slimtune only) replays forward + backward as one CUDA graph after the first warmup
     step (train/graphs.py); the optimizer step stays eager.
-    checkpointing=False (slimtune only) trains without gradient checkpointing: every layer keeps its
-    activations (no recompute), as `slimtune train` does by default (train.gradient_checkpointing: false).
+    checkpointing=False trains without gradient checkpointing: every layer keeps its activations (no
+    recompute), as `slimtune train` does by default (train.gradient_checkpointing: false); for the plain
+    baseline too (not with the kbit recipe, which always checkpoints).
     """
     row = Measurement(work.name, library)
-    if (offload or cuda_graph or not checkpointing) and not library_is_slimtune(row):
-        raise ValueError(f"offload, cuda_graph and checkpointing=False are slimtune's; the baseline {library!r} "
-                         "always checkpoints")
+    if (offload or cuda_graph) and not library_is_slimtune(row):
+        raise ValueError(f"offload and cuda_graph are slimtune's; the baseline {library!r} has no such switch")
+    if not checkpointing and library == KBIT:
+        raise ValueError(f"the {KBIT} recipe always checkpoints (prepare_model_for_kbit_training)")
     if offload and (cuda_graph or not checkpointing):
         raise ValueError("offload needs checkpointing and does not combine with cuda_graph (host copies inside a graph)")
     try:
@@ -139,7 +141,10 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
         quantizer = slimtune_quantizer if library_is_slimtune(row) else bnb_quantizer
     model = build_llama(work.preset, device, dtype, quantizer, seed=seed, max_positions=max(seq_len, 64))
     row.model_gib = (_memory(device) - base_mem) / 2**30
-    model = _wrap_slimtune(model, checkpointing) if library_is_slimtune(row) else _wrap_peft(model, work.quantized, row.library == KBIT)
+    if library_is_slimtune(row):
+        model = _wrap_slimtune(model, checkpointing)
+    else:
+        model = _wrap_peft(model, work.quantized, row.library == KBIT, checkpointing)
     model.train()
     loss_fn = _slimtune_loss if library_is_slimtune(row) else _peft_loss
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

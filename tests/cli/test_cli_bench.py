@@ -30,9 +30,10 @@ def test_bench_cli_unknown_workload_is_a_user_error():
 def test_bench_cli_graph_row_says_it_ran_eagerly_without_cuda(tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "tiny-lora-b2", "--device", "cpu", "--seq-len", "16", "--steps", "1",
-                                      "--warmup", "0", "--no-baseline", "--graph", "--json", str(out)])
+                                      "--warmup", "0", "--no-baseline", "--graph", "--graph-nockpt", "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = {r["library"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"slimtune", "st-graph"}
+    assert set(rows) == {"slimtune", "st-graph", "st-graph-nockpt"}  # no baseline: no peft-nockpt row either
+    assert rows["st-graph-nockpt"]["note"] == "eager: no CUDA"
     assert rows["st-graph"]["note"] == "eager: no CUDA" and rows["st-graph"]["status"] == "ok"
     assert abs(rows["slimtune"]["loss"] - rows["st-graph"]["loss"]) < 1e-6

@@ -26,6 +26,9 @@ def bench_command(
                                        "baseline (peft's prepare_model_for_kbit_training).")] = False,
     graph: Annotated[bool, typer.Option("--graph", help="Also a slimtune row with forward + backward replayed "
                                         "as a CUDA graph (st-graph).")] = False,
+    graph_nockpt: Annotated[bool, typer.Option("--graph-nockpt", help="Also st-graph without gradient "
+                                               "checkpointing (slimtune train's default) and, with the baseline, "
+                                               "the baseline without it (peft-nockpt).")] = False,
 ) -> None:
     """Measure tokens/s, peak memory and MFU of slimtune and the baseline, and print their ratios."""
     from slimtune.cli.main import _guarded
@@ -35,6 +38,6 @@ def bench_command(
 
         run_bench(workloads or None, device=device, seq_len=seq_len, warmup=warmup, steps=steps,
                   baseline=baseline, json_path=json_path, kbit_baseline=kbit,
-                  cuda_graph=graph)
+                  cuda_graph=graph, graph_no_checkpoint=graph_nockpt)
 
     _guarded(body)

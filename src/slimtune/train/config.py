@@ -50,10 +50,13 @@ class TrainConfig:
     precision: Precision = "auto"
     """fp32, bf16 (autocast), fp16 (autocast + loss scaling), or auto: bf16 on a bf16 GPU, else fp32."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward (non-reentrant) to save memory at ~30% more compute."""
+    """Recompute activations in backward (non-reentrant) to save memory at ~30% more compute. Measured on
+    an H200, 8B QLoRA at batch 1 x 2048 tokens with graphs: 6.9 GiB peak at 10.4k tok/s with it, 13.0 GiB
+    at 14.8k without (docs/benchmarks.md)."""
     offload_checkpoints: bool = False
-    """With gradient_checkpointing: keep each layer's saved input in pinned CPU memory until backward
-    (long contexts: frees seq x hidden x 2 bytes per layer on the GPU, for one host copy each way)."""
+    """With gradient_checkpointing: keep each layer's saved input in CPU memory until backward (long
+    contexts: frees seq x hidden x 2 bytes per layer on the GPU, for one host copy each way). The host
+    needs that much RAM: 8B at 350k tokens, ~90 GiB (pinned below 256 MiB a tensor, pageable above)."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each micro-batch's forward + backward as a CUDA graph, one per (rows, length rounded up to
     128) (train/graph_steps.py): removes the launch overhead of small steps. true: on, with an error where

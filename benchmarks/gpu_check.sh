@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check in one go (~12 minutes on an H200, estimated): the GPU tests, kernel timings vs
+# GPU check in one go (~14 minutes on an H200, estimated): the GPU tests, kernel timings vs
 # bitsandbytes and bf16, then the training benchmark vs peft / peft+bitsandbytes; short tables last.
 #   bash benchmarks/gpu_check.sh            # full: six reference workloads
 #   bash benchmarks/gpu_check.sh sweep      # full, plus a sweep of the decode-matmul tile configs
@@ -29,7 +29,7 @@ if [ "$MODE" = quick ]; then
   python3 benchmarks/train_bench.py --workloads 1b-lora-b4 8b-qlora-b1 --warmup 1 --steps 2 \
     --json "$OUT/train.json" > "$OUT/train.log" 2>&1
 else
-  python3 benchmarks/train_bench.py --warmup 3 --steps 6 --max-step-seconds 20 --graph --kbit \
+  python3 benchmarks/train_bench.py --warmup 3 --steps 6 --max-step-seconds 20 --graph --graph-nockpt --kbit \
     --json "$OUT/train.json" > "$OUT/train.log" 2>&1
 fi
 stamp training

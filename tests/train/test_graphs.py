@@ -88,18 +88,18 @@ def test_capture_replays_the_eager_mask_decision(monkeypatch):
     capturing = {"on": False}
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing["on"])
     model.b(torch.zeros(2), attention_mask=None)  # not one of the step's calls: not recorded
-    step._active = True
+    step.masks.active = True
     model.a(torch.zeros(2), attention_mask=None)  # eager: transformers chose the causal kernel
     model.b(torch.zeros(2), attention_mask=dense)  # eager: a real mask
     capturing["on"] = True
     model.a(torch.zeros(2), attention_mask=dense)
     model.b(torch.zeros(2), attention_mask=dense)
     assert model.a.seen is None and model.b.seen is dense
-    assert step.eager_none_mask == {model.a: True, model.b: False}
-    step._active = False  # another capture (say, decoding) is left alone
+    assert step.masks.eager_none_mask == {model.a: True, model.b: False}
+    step.masks.active = False  # another capture (say, decoding) is left alone
     model.a(torch.zeros(2), attention_mask=dense)
     assert model.a.seen is dense
     step.remove_hooks()
-    step._active, capturing["on"] = True, True
+    step.masks.active, capturing["on"] = True, True
     model.a(torch.zeros(2), attention_mask=dense)
     assert model.a.seen is dense

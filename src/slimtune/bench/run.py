@@ -182,14 +182,19 @@ def format_table(report: BenchReport) -> str:
         if r.status != "ok":
             lines.append(f"{r.workload:<14} {r.library:<13} {r.status}")
             continue
-        # slimtune's lines (st-* variants too): ratios to the plain baseline; the kbit line: slimtune's to it;
-        # a -nockpt baseline line: st-graph-nockpt's to it
-        ratio = report.ratio(r.workload, KBIT) if r.library == KBIT else \
-            report.ratio(r.workload, r.library, GRAPH_NOCKPT) if r.library.endswith(NOCKPT) and \
-            r.library.startswith("peft") else \
-            None if r.library.startswith("peft") else report.ratio(r.workload, library=r.library)
+        ratio = _line_ratio(report, r)
         tail = f" {ratio['speedup']:>7.2f}x {ratio['memory']:>5.2f}x" if ratio else ""
         tail += f"  ({r.note})" if r.note else ""
         lines.append(f"{r.workload:<14} {r.library:<13} {r.tokens_per_s:>9.1f} {r.peak_gib:>9.2f} {r.model_gib:>9.2f} "
                      f"{100 * r.mfu:>5.1f}% {r.loss:>6.3f}{tail}")
     return "\n".join(lines)
+
+
+def _line_ratio(report: BenchReport, row: Measurement) -> dict[str, float] | None:
+    """The ratios a table line shows: slimtune's lines (st-* variants too) against the plain baseline; the
+    kbit line, slimtune's against it; a -nockpt baseline line, st-graph-nockpt's against it."""
+    if row.library == KBIT:
+        return report.ratio(row.workload, KBIT)
+    if row.library.startswith("peft"):
+        return report.ratio(row.workload, row.library, GRAPH_NOCKPT) if row.library.endswith(NOCKPT) else None
+    return report.ratio(row.workload, library=row.library)

@@ -158,13 +158,13 @@ class GraphSteps:
             return _hidden_forward_loss(self.model, self.head, {"input_ids": b.ids}, b.labels, b.positions)[0]
 
     def _eager(self, b: _Bucket) -> torch.Tensor:
-        self.masks.active = True
-        try:
-            loss_sum = self._loss_sum(b)
-            (loss_sum * b.inv_n).backward()
-        finally:
-            self.masks.active = False
-        return loss_sum.detach()
+        with self.masks.watching():
+            return self._step(b).detach()
+
+    def _step(self, b: _Bucket) -> torch.Tensor:
+        loss_sum = self._loss_sum(b)
+        (loss_sum * b.inv_n).backward()
+        return loss_sum
 
     def _capture(self, b: _Bucket) -> None:
         if self.grads is None:  # from now on these tensors are the gradients (see Note: graphs in the SFT loop)
@@ -174,20 +174,12 @@ class GraphSteps:
             self.grads = [p.grad for p in self.params]
         held = [g.clone() for g in self.grads]  # this step's gradient so far
         offset = torch.cuda.get_rng_state(self.device)
-
-        def step() -> torch.Tensor:
-            loss = self._loss_sum(b)
-            (loss * b.inv_n).backward()
-            return loss
-
         graph: torch.cuda.CUDAGraph | None = None
-        self.masks.active = True
         try:
-            graph, b.loss = capture_step(step, self.device, self.pool)
+            with self.masks.watching():
+                graph, b.loss = capture_step(lambda: self._step(b), self.device, self.pool)
         except Exception as e:  # noqa: BLE001 - any capture failure leaves the run eager, with the reason
             self.reason = f"{type(e).__name__}: {e}"[:500]
-        finally:
-            self.masks.active = False
         if graph is not None and any(p.grad is not g for p, g in zip(self.params, self.grads)):
             self.reason, graph = "the captured backward replaced .grad instead of adding into it", None
             for p, g in zip(self.params, self.grads):

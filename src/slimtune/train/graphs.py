@@ -40,7 +40,8 @@ padding left unmasked, packed rows refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -68,6 +69,15 @@ class MaskReplay:
             return args, {**kwargs, "attention_mask": None}
         return None
 
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """The owner's own calls: the hooks record (eager) or replay (capturing) only inside this block."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
     def remove(self) -> None:
         for handle in self.hooks:
             handle.remove()
@@ -89,39 +99,19 @@ class GraphedBackward:
         self.masks = MaskReplay(model)  # Note: transformers' masks under capture
 
     @property
-    def eager_none_mask(self) -> dict[torch.nn.Module, bool]:
-        return self.masks.eager_none_mask
-
-    @property
-    def _active(self) -> bool:  # inside one of this step's own calls: the hooks ignore every other forward
-        return self.masks.active
-
-    @_active.setter
-    def _active(self, value: bool) -> None:
-        self.masks.active = value
-
-    @property
     def captured(self) -> bool:
         return self.graph is not None
 
     def __call__(self) -> torch.Tensor:
         self.calls += 1
         if self.graph is None and self.reason is None and self.calls > self.warmup:
-            self._active = True
-            try:
+            with self.masks.watching():
                 self._capture()
-            finally:
-                self._active = False
         if self.graph is not None:
             self.graph.replay()
             return self.loss
-        self._active = True
-        try:
-            loss = self.fn()
-            loss.backward()
-        finally:
-            self._active = False
-        return loss.detach()
+        with self.masks.watching():
+            return self._step().detach()
 
     def remove_hooks(self) -> None:
         """Take the mask hooks off the model (the captured graph keeps working)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.quant import Linear4bit, load_model, save_quantized
+from slimtune.quant import Linear4bit, load_model, save_quantized, update_quantization_config
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -116,6 +116,66 @@ def test_saved_checkpoint_loads_in_transformers_bitsandbytes(tiny: Path, tmp_pat
     # And back into ours, unchanged.
     again = load_model(tmp_path / "ours4", compute_dtype=torch.float32, device="cpu")
     torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_save_pretrained_loads_in_transformers_bitsandbytes(
+    tiny: Path, tmp_path: Path, quant_type: str, double_quant: bool
+) -> None:
+    ours = load_model(tiny, quant_type, double_quant, compute_dtype=torch.float32, device="cpu")
+    ours.save_pretrained(tmp_path / "pretrained")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "pretrained", device_map="cpu")
+    up = theirs.model.layers[0].mlp.up_proj
+    assert type(up).__module__.startswith("bitsandbytes") and up.weight.quant_state.quant_type == quant_type
+    torch.testing.assert_close(_bnb_logits(theirs), _logits(ours), rtol=0, atol=0)
+    # The same files as save_quantized writes, and back into ours unchanged.
+    save_quantized(ours, tmp_path / "quantized")
+    _assert_same_checkpoint(tmp_path / "pretrained", tmp_path / "quantized")
+    again = load_model(tmp_path / "pretrained", compute_dtype=torch.float32, device="cpu")
+    torch.testing.assert_close(_logits(again), _logits(ours), rtol=0, atol=0)
+
+
+def _assert_same_checkpoint(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert ta.keys() == tb.keys()
+    for key, value in ta.items():
+        assert value.dtype == tb[key].dtype and torch.equal(value, tb[key]), key
+
+
+def test_plain_model_config_stays_plain(tiny: Path, tmp_path: Path) -> None:
+    plain = load_model(tiny, quantization=None, compute_dtype=torch.float32, device="cpu")
+    assert not hasattr(plain.config, "quantization_config")
+    plain.save_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+
+
+def test_quantization_config_follows_dequantized_layers(tiny: Path, tmp_path: Path) -> None:
+    ours = load_model(tiny, compute_dtype=torch.float32, device="cpu")
+    assert ours.config.quantization_config["llm_int8_skip_modules"] == ["lm_head"]
+    _dequantize(ours, "model.layers.1.mlp.down_proj")
+    update_quantization_config(ours)
+    skips = ours.config.quantization_config["llm_int8_skip_modules"]
+    assert skips == ["model.layers.1.mlp.down_proj", "lm_head"]
+    ours.save_pretrained(tmp_path / "mixed")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed", device_map="cpu")
+    assert type(theirs.model.layers[1].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(_bnb_logits(theirs), _logits(ours), rtol=0, atol=0)
+    for name in [n for n, m in ours.named_modules() if isinstance(m, Linear4bit)]:
+        _dequantize(ours, name)
+    update_quantization_config(ours)
+    assert not hasattr(ours.config, "quantization_config")
+
+
+def _dequantize(model: nn.Module, name: str) -> None:
+    """Swap the Linear4bit `name` for a plain nn.Linear holding its dequantized weight (as a merge does)."""
+    layer = model.get_submodule(name)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    plain.weight.data = layer.dequantize()
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, plain)
 
 
 def test_tied_embeddings_bias_and_shards(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ dtype and quantized there, and its module is swapped for a Linear4bit; every oth
 norms, the output head) is materialized in the compute dtype. Peak host memory is one tensor, not
 one model. A checkpoint already saved in bitsandbytes' 4-bit layout (config.json with a
 "bitsandbytes" quantization_config, keys `weight.absmax`, `weight.quant_map`, ...) is loaded as is.
+A 4-bit model's config carries that quantization_config too (quant/saving.py), so transformers'
+own `model.save_pretrained(folder)` writes a checkpoint both libraries load.
 
 The output head (`model.get_output_embeddings()`, e.g. lm_head) is never quantized, so tied
 embeddings stay tied.
@@ -26,6 +28,7 @@ from torch import nn
 from slimtune.quant.linear4bit import Linear4bit
 from slimtune.quant.nf4 import quantize_4bit
 from slimtune.quant.options import QuantOptions, parse_dtype, resolve_options
+from slimtune.quant.saving import update_quantization_config
 from slimtune.quant.state import QuantState
 
 __all__ = ["load_model"]
@@ -80,6 +83,7 @@ def load_model(
         model = AutoModelForCausalLM.from_config(config, dtype=options.compute_dtype, **_model_kwargs(kwargs))
     quantize = {} if options.quant_type is None and not prequantized else _linear_targets(model, options)
     _Loader(model, options, target, quantize, prequantized).run(_iter_checkpoint(folder))
+    update_quantization_config(model)
     model.eval()
     return model
 
@@ -102,7 +106,10 @@ def _resolve_folder(path_or_name: str, kwargs: dict[str, Any]) -> str:
 
 
 def _read_config(folder: str, kwargs: dict[str, Any]) -> tuple[Any, bool]:
-    """(transformers config without its quantization_config, whether the checkpoint is bnb 4-bit)."""
+    """(transformers config without its quantization_config, whether the checkpoint is bnb 4-bit).
+
+    The model is built from it plain; load_model records the quantization_config again from the loaded layers.
+    """
     from transformers import AutoConfig
 
     config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision")}

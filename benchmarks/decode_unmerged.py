@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build(args: argparse.Namespace) -> Any:
     import transformers as tf
 
-    from slimtune import LoraConfig, get_peft_model
+    from slimtune import LoraConfig, enable_fast_path, get_peft_model
 
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
@@ -83,6 +83,7 @@ def build(args: argparse.Namespace) -> Any:
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.02)
+    enable_fast_path(peft)
     return peft.eval()
 
 

@@ -92,8 +92,8 @@ def layer_rows(tokens: int, layers: int) -> list[tuple[str, float, float, float]
     """Forward+backward of `layers` 8B-shape decoder layers with LoRA, fused layers on vs off."""
     import transformers as tf
 
-    from slimtune import LoraConfig, get_peft_model
-    from slimtune.kernels.llama_fused import ENV_FLAG
+    from slimtune import LoraConfig, enable_fast_path, get_peft_model
+    from slimtune.kernels.llama_fused import ENV_FLAG, fast_modules
     from slimtune.methods.lora.layer import LoraLayer
 
     rows = []
@@ -112,9 +112,10 @@ def layer_rows(tokens: int, layers: int) -> list[tuple[str, float, float, float]
         for layer in model.modules():  # see bench/training.py: Python 3.12 Protocols
             if isinstance(layer, LoraLayer):
                 layer.set_active(["default"], trainable=True)
+        enable_fast_path(model)
         model.train()
         inner = model.get_base_model().model
-        kinds = sorted({type(m).__name__ for m in inner.layers[0].children()})
+        kinds = sorted(set(fast_modules(model).values()))
         ids = torch.randint(0, 1024, (1, tokens), device=DEVICE)
 
         def fb(inner=inner, ids=ids) -> None:

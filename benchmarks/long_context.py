@@ -80,7 +80,7 @@ def layer_bytes(layer: nn.Module) -> int:
 
 def build(preset: str, layers: int, seq: int, device: torch.device, mlp_chunk: int) -> nn.Module:
     """The preset's shape with `layers` decoder layers, 4-bit projections, LoRA r16 on all seven."""
-    from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from slimtune import LoraConfig, enable_fast_path, get_peft_model, prepare_model_for_kbit_training
     from slimtune.bench.models import PRESETS, PROJECTIONS, build_llama, slimtune_quantizer
     from slimtune.methods.lora.layer import LoraLayer
     from slimtune.train.seq_chunk import chunk_mlps
@@ -96,6 +96,7 @@ def build(preset: str, layers: int, seq: int, device: torch.device, mlp_chunk: i
     for layer in model.modules():  # see bench/training.py (_wrap_slimtune): Python 3.12 Protocols
         if isinstance(layer, LoraLayer):
             layer.set_active(["default"], trainable=True)
+    enable_fast_path(model)
     return model
 
 

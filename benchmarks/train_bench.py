@@ -4,9 +4,9 @@
     python benchmarks/train_bench.py --workloads 8b-qlora-b1 --steps 5 --json out.json
     python benchmarks/train_bench.py --workloads 1b-lora-b4 --fused-layers both
 
-slimtune's side runs the fast path as users get it, including the fused RMSNorm/RoPE/SwiGLU modules
-(kernels/llama_fused.py, swapped in by get_peft_model). --fused-layers off runs slimtune without just
-those (SLIMTUNE_FUSED_LAYERS=off; fused LoRA, Triton dequantization and chunked loss stay on); both
+slimtune's side runs the fast path as `slimtune train` does, including the fused RMSNorm/RoPE/SwiGLU
+forwards (kernels/llama_fused.py, switched on by enable_fast_path). --fused-layers off runs slimtune without
+just those (SLIMTUNE_FUSED_LAYERS=off; fused LoRA, Triton dequantization and chunked loss stay on); both
 adds a slimtune row without them ("st-nofuse") beside each workload, measured in the same process,
 and prints what they add. To measure one of the three, set it in the environment:
 SLIMTUNE_FUSED_LAYERS=rmsnorm,rope python benchmarks/train_bench.py --fused-layers both.
@@ -35,7 +35,7 @@ NOFUSE = "st-nofuse"
 
 
 def _run(args: argparse.Namespace, fused: bool, baseline: bool) -> BenchReport:
-    """run_bench with the fused layers on or off (the flag is read when get_peft_model builds each model)."""
+    """run_bench with the fused layers on or off (the flag is read when enable_fast_path runs on each model)."""
     before = os.environ.get(ENV_FLAG)
     if not fused:
         os.environ[ENV_FLAG] = "off"

@@ -5,6 +5,7 @@ are saved in peft's file format. QLoRA needs no bitsandbytes: `load_model(path, 
 """
 
 from slimtune.config import PeftConfig, PeftType, TaskType
+from slimtune.kernels.llama_fused import disable_fast_path, enable_fast_path
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.lora.config import LoraConfig
@@ -37,6 +38,8 @@ __all__ = [
     "TaskType",
     "default_model_path",
     "dequantize_4bit",
+    "disable_fast_path",
+    "enable_fast_path",
     "get_peft_model",
     "load_model",
     "prepare_model_for_kbit_training",

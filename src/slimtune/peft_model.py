@@ -38,6 +38,7 @@ from torch import nn
 from slimtune import adapter_io
 from slimtune.adapter_layer import ModulesToSave, is_adapter_layer
 from slimtune.config import PeftConfig, TaskType
+from slimtune.quant.saving import update_quantization_config
 from slimtune.registry import MethodSpec, PromptHooks, get_method
 from slimtune.targeting import find_targets
 
@@ -313,6 +314,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"merging produced NaN/inf weights in {name}; the adapter is broken")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, plain)
+        update_quantization_config(model)  # merged 4-bit layers are plain now: config.json must say so
         return model
 
     # ---- trainable parameters -----------------------------------------------------------------
@@ -458,9 +460,9 @@ def _refuse_trainable_prompt(config: PeftConfig, is_trainable: bool) -> None:
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                    autocast_adapter_dtype: bool = True, **kwargs: Any) -> PeftModel:
-    """Wrap `model` with a new trainable adapter described by `peft_config`."""
-    from slimtune.kernels.llama_fused import patch_model
+    """Wrap `model` with a new trainable adapter described by `peft_config`.
 
-    peft_model = PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
-    patch_model(model)  # fused RMSNorm/RoPE/SwiGLU on known architectures (CUDA); a no-op elsewhere
-    return peft_model
+    Like peft, this injects adapter layers and changes nothing else; the fused RMSNorm/RoPE/SwiGLU
+    forwards are a separate opt-in, `slimtune.enable_fast_path(model)`.
+    """
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)

@@ -169,6 +169,21 @@ def test_quantization_config_follows_dequantized_layers(tiny: Path, tmp_path: Pa
     assert not hasattr(ours.config, "quantization_config")
 
 
+def test_merged_4bit_model_saves_as_a_plain_model(tiny: Path, tmp_path: Path) -> None:
+    from slimtune import LoraConfig, get_peft_model
+
+    ours = get_peft_model(load_model(tiny, compute_dtype=torch.float32, device="cpu"),
+                          LoraConfig(r=2, target_modules="all-linear", init_lora_weights="gaussian"))
+    want = _logits(ours)
+    merged = ours.merge_and_unload()
+    assert not any(isinstance(m, Linear4bit) for m in merged.modules())
+    assert not hasattr(merged.config, "quantization_config")
+    merged.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    torch.testing.assert_close(_logits(again), want, rtol=1e-4, atol=1e-4)
+
+
 def _dequantize(model: nn.Module, name: str) -> None:
     """Swap the Linear4bit `name` for a plain nn.Linear holding its dequantized weight (as a merge does)."""
     layer = model.get_submodule(name)

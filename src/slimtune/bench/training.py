@@ -61,10 +61,12 @@ def _memory(device: torch.device) -> int:
 
 
 def _wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
-    from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from slimtune import LoraConfig, enable_fast_path, get_peft_model, prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    enable_fast_path(model)  # what `slimtune train` does: fused norms/RoPE/SwiGLU, self-checked
+    return model
 
 
 KBIT = "peft+bnb-kbit"

@@ -12,7 +12,7 @@ values and gradients against it (on CPU under TRITON_INTERPRET=1, on a GPU with 
     rms_norm.py       Triton: RMSNorm forward/backward (saves x and a per-row rstd)
     rope.py           Triton: rotary embedding of q and k in one launch; backward rotates by -theta
     swiglu.py         Triton: silu(g) * u; backward recomputes silu from g
-    llama_fused.py    swaps those into Llama/Qwen2/Mistral modules (get_peft_model calls it)
+    llama_fused.py    runs those in Llama/Qwen2/Mistral modules, opt-in and self-checked (enable_fast_path)
     dispatch.py       when the fast paths are used, and the reused dequantization buffer
 
 Triton is imported lazily (only when a CUDA tensor takes a Triton path): CPU installs need no Triton.

@@ -1,35 +1,46 @@
-"""Fused RMSNorm, RoPE and SwiGLU in Llama-family models: an explicit, per-instance module swap.
+"""Fused RMSNorm, RoPE and SwiGLU in Llama-family models: an explicit, self-checking opt-in.
 
-    patch_model(model) -> number of modules swapped (0: unknown architecture, mode off, no Triton)
+    enable_fast_path(model) -> number of modules that run fused forwards (0: nothing applies, or the check failed)
+    disable_fast_path(model) -> number of modules given back their own forward
 
-get_peft_model calls it once on the model it wraps. For a known architecture (transformers'
-LlamaForCausalLM, Qwen2 and Mistral, whose RMSNorm, MLP and attention are Llama's line for line) it
-replaces, in this model only, each
-    <Arch>RMSNorm   by FusedRMSNorm   (kernels/rms_norm.py)
-    <Arch>MLP       by FusedSwiGLU    (kernels/swiglu.py; only when hidden_act is silu; in training with
-                                       LoRA on gate, up and down: the whole MLP as kernels/lora_mlp.py)
-    <Arch>Attention by FusedAttention (kernels/rope.py; q and k rotated in one launch)
-The transformers classes are never modified. Unknown architectures are left untouched.
+Nothing in slimtune calls this behind the user's back: `get_peft_model` leaves the model's modules alone,
+as peft does. `slimtune train` and the benchmarks call `enable_fast_path` themselves; API users call it
+once, after `get_peft_model` and after moving the model to its GPU. For a known architecture
+(transformers' Llama, Qwen2 and Mistral, whose RMSNorm, MLP and attention are Llama's line for line) each
+    <Arch>RMSNorm    runs kernels/rms_norm.py
+    <Arch>MLP        runs kernels/swiglu.py (hidden_act silu only; in training with LoRA on gate, up and
+                     down: the whole MLP as kernels/lora_mlp.py)
+    <Arch>Attention  rotates q and k with kernels/rope.py (training forwards; a KV cache takes the original)
 
-# Note: the swapped modules are the same modules
-A fused module adopts the original's parameters, buffers, children and plain attributes (config,
-head_dim, variance_epsilon, ...): the same objects, under the same names, so state_dict keys, LoRA
-targeting (q_proj, gate_proj, ...) and saved adapters do not change, and layers injected later land
-inside it as before. It remembers the original class and runs the original class's forward whenever
-its kernel does not apply: off CUDA (unless mode 'on' under TRITON_INTERPRET=1, for tests), with
-SLIMTUNE_FAST_PATH=off, for dtypes the kernels do not take, and, for attention, whenever a KV cache is
-passed (generation): the fast attention forward covers training only. So a patched model computes
-transformers' own forward everywhere the kernels are not used, bit for bit.
+# Note: a fast forward is an instance attribute, never a new module
+The fast path sets `module.forward` on the instance (a FastForward that holds the module), exactly as
+accelerate's hooks do. The module stays the object transformers built: its type (isinstance holds), its
+hooks, its per-instance state (hub-kernel tables and anything a library attached), its parameters and
+state_dict keys. Wherever a kernel does not apply (another device or dtype, a KV cache, an argument the
+fast forward does not know) FastForward calls `type(module).forward(module, ...)`: the class's own
+forward on an object that class built. A module whose forward is already replaced per instance (an
+accelerate hook, a hub kernel from `kernelize`) is left alone. `disable_fast_path` deletes the attribute.
 
-SLIMTUNE_FUSED_LAYERS (read by patch_model) picks which of the three are swapped: unset/on/all for all,
-off for none, or a comma list of rmsnorm, rope, swiglu. The rest of the fast path (fused LoRA, Triton
-dequantization) stays on: the benchmark uses it to measure what each adds.
+# Note: the self-check
+A transformers release we have never seen may change what these modules compute. So enable_fast_path
+first runs the model on a tiny input without the fast forwards (logits with autograd on, as in training,
+and one cached generation step), then with them, and keeps them only if both agree within round-off of
+the dtype. On any mismatch or error the model is left exactly as it was, with one warning naming the
+transformers version: slimtune is then slower, never wrong. The check draws no random numbers from the
+global generators and leaves every .grad as it was.
+
+SLIMTUNE_FUSED_LAYERS picks which of the three run fused: unset/on/all for all, off for none, or a comma
+list of rmsnorm, rope, swiglu. The rest of the fast path (fused LoRA, Triton dequantization) stays on:
+the benchmark uses it to measure what each adds.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,8 +48,8 @@ from torch import nn
 
 from slimtune.kernels.dispatch import fast_path_mode, triton_available
 
-__all__ = ["patch_model", "kernels_apply", "FusedRMSNorm", "FusedSwiGLU", "FusedAttention", "ENV_FLAG", "KINDS",
-           "enabled_kinds"]
+__all__ = ["enable_fast_path", "disable_fast_path", "fast_modules", "kernels_apply", "FastForward", "ENV_FLAG",
+           "KINDS", "enabled_kinds"]
 
 ENV_FLAG = "SLIMTUNE_FUSED_LAYERS"
 """'off' keeps transformers' RMSNorm/RoPE/SwiGLU when the fast path is on; a comma list keeps some."""
@@ -46,6 +57,9 @@ KINDS = ("rmsnorm", "rope", "swiglu")
 
 _ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}  # config.model_type -> prefix
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Relative L2 error allowed between the fused and the original logits in the self-check: fp32 round-off,
+# bf16/fp16 round-off of a few layers. A wrong rotation or norm gives errors of order 1.
+_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 3e-2}
 
 
 def kernels_apply(t: torch.Tensor) -> bool:
@@ -57,131 +71,122 @@ def kernels_apply(t: torch.Tensor) -> bool:
     return t.is_cuda or (mode == "on" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _adopt(new: nn.Module, old: nn.Module) -> None:
-    """new takes old's parameters, buffers, children and plain attributes; see Note: the swapped modules..."""
-    for key, value in vars(old).items():
-        if not key.startswith("_") and key != "forward":
-            object.__setattr__(new, key, value)
-    for name, param in old._parameters.items():
-        new.register_parameter(name, param)
-    for name, buf in old._buffers.items():
-        new.register_buffer(name, buf, persistent=name not in old._non_persistent_buffers_set)
-    for name, child in old._modules.items():
-        new.add_module(name, child)
-    new.plain_cls = type(old)
+def _rms_norm(module: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """x (..., C) / rms(x) * weight (C,), or NotImplemented where the kernel does not apply."""
+    if args or kwargs or not kernels_apply(hidden_states) or module.weight.dtype not in _DTYPES:
+        return NotImplemented
+    from slimtune.kernels.rms_norm import rms_norm
+
+    return rms_norm(hidden_states, module.weight, module.variance_epsilon)
 
 
-class FusedRMSNorm(nn.Module):
-    """An <Arch>RMSNorm (weight (C,), variance_epsilon) that runs kernels/rms_norm.py where it applies."""
+def _swiglu(module: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    """down_proj(silu(gate_proj(x)) * up_proj(x)) with the middle (or, for three LoRA layers in training,
+    the whole MLP) in one kernel; NotImplemented where it does not apply."""
+    if args or kwargs or not kernels_apply(x):
+        return NotImplemented
+    projections = lora_projections(module, x)
+    if projections is not None:
+        from slimtune.kernels.lora_mlp import lora_mlp
 
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        _adopt(self, norm)
+        out = lora_mlp(x, *projections)
+        return out.to(x.dtype) if any(p.state is not None for p in projections) else out
+    from slimtune.kernels.swiglu import swiglu
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if kernels_apply(hidden_states) and self.weight.dtype in _DTYPES:
-            from slimtune.kernels.rms_norm import rms_norm
-
-            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-        return self.plain_cls.forward(self, hidden_states)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
+    return module.down_proj(swiglu(module.gate_proj(x), module.up_proj(x)))
 
 
-class FusedSwiGLU(nn.Module):
-    """An <Arch>MLP with SiLU: down_proj(swiglu(gate_proj(x), up_proj(x))), the middle in one kernel."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        _adopt(self, mlp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels_apply(x):
-            projections = self._lora_projections(x)
-            if projections is not None:
-                from slimtune.kernels.lora_mlp import lora_mlp
-
-                out = lora_mlp(x, *projections)
-                return out.to(x.dtype) if any(p.state is not None for p in projections) else out
-            from slimtune.kernels.swiglu import swiglu
-
-            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.plain_cls.forward(self, x)
-
-    def _lora_projections(self, x: torch.Tensor) -> tuple[Any, Any, Any] | None:
-        """In training, when gate, up and down are LoRA layers on the fused path with frozen biases, their
-        Projections for kernels/lora_mlp.py (one op, tiled backward); else None."""
-        if not torch.is_grad_enabled():
+def lora_projections(mlp: nn.Module, x: torch.Tensor) -> tuple[Any, Any, Any] | None:
+    """In training, when gate, up and down are LoRA layers on the fused path with frozen biases, their
+    Projections for kernels/lora_mlp.py (one op, tiled backward); else None."""
+    if not torch.is_grad_enabled():
+        return None
+    projections = []
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        get = getattr(layer, "fused_projection", None)
+        p = get(x) if get is not None else None
+        if p is None or (p.bias is not None and p.bias.requires_grad):
             return None
-        projections = []
-        for layer in (self.gate_proj, self.up_proj, self.down_proj):
-            get = getattr(layer, "fused_projection", None)
-            p = get(x) if get is not None else None
-            if p is None or (p.bias is not None and p.bias.requires_grad):
-                return None
-            projections.append(p)
-        return tuple(projections)
+        projections.append(p)
+    return tuple(projections)
 
 
-class FusedAttention(nn.Module):
-    """An <Arch>Attention whose training forward applies RoPE with kernels/rope.py.
+def _attention(module: nn.Module, hidden_states: torch.Tensor, position_embeddings: Any = None,
+               attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    """The training forward of an <Arch>Attention with q and k rotated by kernels/rope.py.
 
-    Same steps as transformers' forward: project (B, T, C) -> q (B, T, Hq, D), k, v (B, T, Hk, D),
-    rotate q and k (one launch, in the projection layout), transpose to (B, H, T, D), the configured
-    attention function (eager/sdpa/flash, as config._attn_implementation says), o_proj.
+    Same steps as transformers' forward: project (B, T, C) -> q (B, T, Hq, D), k, v (B, T, Hk, D), rotate
+    q and k (one launch, in the projection layout), transpose to (B, H, T, D), the configured attention
+    function (eager/sdpa/flash, as config._attn_implementation says), o_proj. A KV cache, a positional
+    argument past the mask, or inputs the kernel does not take: NotImplemented.
     """
+    if (args or kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None
+            or position_embeddings is None or hidden_states.dim() != 3 or not kernels_apply(hidden_states)
+            or not _rope_applies(*position_embeddings)):
+        return NotImplemented
+    from slimtune.kernels.rope import apply_rope
 
-    def __init__(self, attn: nn.Module, architecture: str) -> None:
-        super().__init__()
-        _adopt(self, attn)
-        self.architecture = architecture
+    kwargs.pop("cache", None)
+    kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    q = module.q_proj(hidden_states).view(hidden_shape)  # (B, T, Hq, D)
+    k = module.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
+    v = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
+    q, k = apply_rope(q, k, *position_embeddings, unsqueeze_dim=2)
+    out, weights = _attention_function(module)(
+        module, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling,
+        **_extra_attention_kwargs(module), **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return module.o_proj(out), weights
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: Any = None,
-                attention_mask: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        if (args or cache is not None or position_embeddings is None or hidden_states.dim() != 3
-                or not kernels_apply(hidden_states) or not _rope_applies(*position_embeddings)):
-            return self.plain_cls.forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
-        from slimtune.kernels.rope import apply_rope
 
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape)  # (B, T, Hq, D)
-        k = self.k_proj(hidden_states).view(hidden_shape)  # (B, T, Hk, D)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hk, T, D)
-        q, k = apply_rope(q, k, *position_embeddings, unsqueeze_dim=2)
-        out, weights = self._attention_function()(
-            self, q.transpose(1, 2), k.transpose(1, 2), v, attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-            **self._extra_kwargs(), **kwargs)
-        out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), weights
+def _attention_function(module: nn.Module) -> Callable[..., Any]:
+    """transformers' choice for config._attn_implementation, the model file's eager one by default."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    def _attention_function(self) -> Any:
-        """transformers' choice for config._attn_implementation, the model file's eager one by default."""
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    impl = module.config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
-        eager = sys.modules[self.plain_cls.__module__].eager_attention_forward
-        impl = self.config._attn_implementation
-        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-            return ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
-        return eager if impl in (None, "eager") else ALL_ATTENTION_FUNCTIONS[impl]
 
-    def _extra_kwargs(self) -> dict[str, Any]:
-        """What the architecture's forward adds to Llama's attention call (its 'main diff with Llama')."""
-        if self.architecture == "qwen2":
-            return {"sliding_window": getattr(self, "sliding_window", None)}
-        if self.architecture == "mistral":
-            return {"sliding_window": getattr(self.config, "sliding_window", None)}
-        return {}
+def _extra_attention_kwargs(module: nn.Module) -> dict[str, Any]:
+    """What the architecture's forward adds to Llama's attention call (its 'main diff with Llama')."""
+    architecture = module.config.model_type
+    if architecture == "qwen2":
+        return {"sliding_window": getattr(module, "sliding_window", None)}
+    if architecture == "mistral":
+        return {"sliding_window": getattr(module.config, "sliding_window", None)}
+    return {}
 
 
 def _rope_applies(cos: torch.Tensor, sin: torch.Tensor) -> bool:
     return (cos.dim() == 3 and cos.shape == sin.shape and cos.dtype in _DTYPES and sin.dtype in _DTYPES
             and not cos.requires_grad and not sin.requires_grad)
+
+
+_FORWARDS: dict[str, Callable[..., Any]] = {"rmsnorm": _rms_norm, "rope": _attention, "swiglu": _swiglu}
+
+
+class FastForward:
+    """`module.forward` while the fast path is on: the fused forward of `kind` where it applies, else the
+    module's own class forward. See Note: a fast forward is an instance attribute, never a new module."""
+
+    def __init__(self, module: nn.Module, kind: str) -> None:
+        self.module, self.kind, self.active = module, kind, True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.active:
+            out = _FORWARDS[self.kind](self.module, *args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FastForward({type(self.module).__name__}, {self.kind})"
 
 
 def enabled_kinds() -> tuple[str, ...]:
@@ -198,40 +203,135 @@ def enabled_kinds() -> tuple[str, ...]:
     return kinds
 
 
-def _swap(module: nn.Module, architecture: str, kinds: tuple[str, ...]) -> nn.Module | None:
-    """The fused replacement of `module`, or None when it is not one of the architecture's three (or not in kinds)."""
-    prefix = _ARCHITECTURES[architecture]
-    cls_name = type(module).__name__
-    if not type(module).__module__.startswith(f"transformers.models.{architecture}."):
+def _kind(module: nn.Module, architecture: str, kinds: tuple[str, ...]) -> str | None:
+    """Which fused forward `module` takes, or None (not one of the architecture's three, not in kinds,
+    or its forward already replaced per instance by someone else)."""
+    if "forward" in vars(module):
         return None
-    if cls_name == f"{prefix}RMSNorm" and "rmsnorm" in kinds:
-        return FusedRMSNorm(module)
-    if cls_name == f"{prefix}Attention" and "rope" in kinds:
-        return FusedAttention(module, architecture)
-    if cls_name == f"{prefix}MLP" and "swiglu" in kinds and \
+    cls = type(module)
+    if not cls.__module__.startswith(f"transformers.models.{architecture}."):
+        return None
+    prefix = _ARCHITECTURES[architecture]
+    if cls.__name__ == f"{prefix}RMSNorm" and "rmsnorm" in kinds:
+        return "rmsnorm"
+    if cls.__name__ == f"{prefix}Attention" and "rope" in kinds:
+        return "rope"
+    if cls.__name__ == f"{prefix}MLP" and "swiglu" in kinds and \
             getattr(getattr(module, "config", None), "hidden_act", None) in ("silu", "swish"):
-        return FusedSwiGLU(module)
+        return "swiglu"
     return None
 
 
-def patch_model(model: nn.Module) -> int:
-    """Swap the RMSNorm / attention / SiLU-MLP modules of a known architecture for fused ones, in place.
+def fast_modules(model: nn.Module) -> dict[str, str]:
+    """{module name: kind} of the modules of `model` that run a fast forward now."""
+    return {name: m.forward.kind for name, m in model.named_modules() if isinstance(vars(m).get("forward"), FastForward)}
 
-    Returns the number of modules swapped: 0 for an unknown architecture, with SLIMTUNE_FAST_PATH=off or
-    SLIMTUNE_FUSED_LAYERS=off, or without Triton. Calling it again swaps nothing more.
+
+def disable_fast_path(model: nn.Module) -> int:
+    """Give every module of `model` its own forward back; returns how many had a fast one."""
+    count = 0
+    for module in model.modules():
+        if isinstance(vars(module).get("forward"), FastForward):
+            del module.forward
+            count += 1
+    return count
+
+
+def enable_fast_path(model: nn.Module, check: bool = True) -> int:
+    """Run the fused RMSNorm / RoPE / SwiGLU forwards in `model`'s Llama-family modules, in place.
+
+    Call it after get_peft_model and after moving the model to its device. Returns how many modules run a
+    fast forward: 0 for an unknown architecture, a device or dtype the kernels do not take (CPU), mode off,
+    SLIMTUNE_FUSED_LAYERS=off, no Triton, or a failed self-check (see Note: the self-check; it warns once).
+    Calling it again adds nothing.
     """
     kinds = enabled_kinds()
-    if fast_path_mode() == "off" or not kinds:
+    config = getattr(model, "config", None)
+    architecture = getattr(config, "model_type", None)
+    if fast_path_mode() == "off" or not kinds or architecture not in _ARCHITECTURES or not triton_available():
         return 0
-    architecture = getattr(getattr(model, "config", None), "model_type", None)
-    if architecture not in _ARCHITECTURES or not triton_available():
+    weight = _first_float_weight(model)
+    if weight is None or not kernels_apply(weight):
         return 0
-    swapped = 0
-    for name, module in list(model.named_modules()):
-        new = _swap(module, architecture, kinds)
-        if new is None:
-            continue
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-        swapped += 1
-    return swapped
+    chosen = [(m, k) for m in model.modules() if (k := _kind(m, architecture, kinds)) is not None]
+    if not chosen:
+        return 0
+    reference = _probe(model) if check else None
+    for module, kind in chosen:
+        module.forward = FastForward(module, kind)
+    if reference is not None:
+        problem = _compare(reference, model, weight.dtype)
+        if problem is not None:
+            for module, _ in chosen:
+                del module.forward
+            _warn_unpatched(architecture, problem)
+            return 0
+    return len(chosen)
+
+
+def _first_float_weight(model: nn.Module) -> torch.Tensor | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p
+    return None
+
+
+def _warn_unpatched(architecture: str, problem: str) -> None:
+    import transformers
+
+    warnings.warn(
+        f"slimtune's fused RMSNorm/RoPE/SwiGLU do not match transformers {transformers.__version__}'s "
+        f"{architecture} modules ({problem}); this model runs transformers' own forwards (correct, slower)",
+        RuntimeWarning, stacklevel=3)
+
+
+def _probe(model: nn.Module) -> dict[str, Any] | str:
+    """The model's outputs on a tiny input (see Note: the self-check), or the error it raised, as a string."""
+    from transformers import DynamicCache
+
+    modes = [(m, m.training) for m in model.modules()]
+    device = _first_float_weight(model).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(device)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.enable_grad():
+                logits = model(input_ids=ids, use_cache=False).logits.detach().float()
+            with torch.no_grad():
+                cache = {_cache_keyword(model): DynamicCache(config=model.config)}
+                model(input_ids=ids[:, :-1], use_cache=True, **cache)
+                step = model(input_ids=ids[:, -1:], use_cache=True, **cache).logits.float()
+        return {"logits": logits, "cached step": step}
+    except Exception as err:  # noqa: BLE001 - any failure means: do not use the fast path
+        return f"{type(err).__name__}: {err}"
+    finally:
+        for module, training in modes:
+            module.training = training
+        for n, p in model.named_parameters():
+            if n in grads:
+                p.grad = grads[n]
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The name under which this transformers version's model forward takes a KV cache."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+def _compare(reference: dict[str, Any] | str, model: nn.Module, dtype: torch.dtype) -> str | None:
+    """None when the fused model reproduces `reference`, else what differed."""
+    if isinstance(reference, str):
+        return f"the original model failed the check input: {reference}"
+    got = _probe(model)
+    if isinstance(got, str):
+        return f"the fused forward raised {got}"
+    tolerance = _CHECK_TOLERANCE.get(dtype, 3e-2)
+    for key, want in reference.items():
+        if got[key].shape != want.shape:
+            return f"{key}: shape {tuple(got[key].shape)} != {tuple(want.shape)}"
+        error = ((got[key] - want).norm() / want.norm().clamp_min(1e-12)).item()
+        if not error <= tolerance:  # also catches NaN
+            return f"{key}: relative error {error:.2e} > {tolerance:.0e}"
+    return None

@@ -5,7 +5,7 @@ whose backward runs in row tiles.
 
 Reference: the same MLP built from `lora_linear_reference` and `swiglu_reference` (tests/kernels/
 test_lora_mlp.py: values and gradients of x and the six adapter matrices, bf16 and 4-bit bases, one
-tile and several). FusedSwiGLU (kernels/llama_fused.py) calls it in training when all three
+tile and several). The fast MLP forward (kernels/llama_fused.py) calls it in training when all three
 projections take the fused LoRA path.
 
 # Note: what the MLP keeps, and the tiled backward

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.kernels.llama_fused import enable_fast_path
 from slimtune.train.schema import check_keys
 
 # The PEFT API we build on (slimtune's own, which mirrors HF peft's names exactly).
@@ -147,6 +148,7 @@ def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_chec
         model.requires_grad_(True)
     else:
         model = peft_api().get_peft_model(model, peft_config)
+        enable_fast_path(model)  # fused norms/RoPE/SwiGLU where they apply (CUDA), self-checked
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # fp32 master weights; fp16 grads cannot be unscaled

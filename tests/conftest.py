@@ -23,3 +23,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tokenizer(folder)
     build_llama(folder)
     return folder
+
+
+@pytest.fixture
+def shipped_model_cache(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`slimtune:smollm2-135m-instruct` resolves to a copy of the tiny model: SLIMTUNE_CACHE points at a tmp
+    folder holding it as an already converted default model (done-marker written), so nothing converts."""
+    import shutil
+
+    from slimtune.models import DEFAULT_MODEL_NAME, DONE_MARKER
+
+    cache = tmp_path / "slimtune-cache"
+    folder = shutil.copytree(tiny_model_dir, cache / DEFAULT_MODEL_NAME)
+    (folder / DONE_MARKER).write_text("a tiny stand-in for the tests\n", encoding="utf-8")
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(cache))
+    return folder

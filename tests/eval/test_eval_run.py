@@ -101,3 +101,7 @@ def test_cli_eval_and_user_errors(tiny_chat, data_file, tmp_path):
     missing = runner.invoke(cli_app(), ["eval", "--model", str(tiny_chat.base), "--data", str(tmp_path / "no.jsonl"),
                                         "--output", str(out)])
     assert missing.exit_code == 2 and "not found" in missing.output
+    unknown = runner.invoke(cli_app(), ["eval", "--model", str(tiny_chat.base), "--judge", "slimtune:judge",
+                                        "--data", str(data_file), "--output", str(out)])
+    assert unknown.exit_code == 2
+    assert "--judge='slimtune:judge': no shipped model 'judge'" in " ".join(unknown.output.split())

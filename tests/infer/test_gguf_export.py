@@ -163,3 +163,15 @@ def test_smollm2_exports_and_reloads(tmp_path):
         a, b = back(ids).logits, ref(ids).logits
     assert (a - b).abs().max().item() < 0.05 * b.abs().max().item()
     assert torch.equal(a[0, -1].argmax(), b[0, -1].argmax())
+
+
+def test_cli_export_by_shipped_name(shipped_model_cache, tmp_path):
+    """`--model slimtune:smollm2-135m-instruct` exports the cached folder (here a tiny stand-in) under its name."""
+    result = CliRunner().invoke(cli_app(), ["export", "--gguf", "--model", "slimtune:smollm2-135m-instruct",
+                                            "--output", str(tmp_path / "out"), "--pre-tokenizer", "default"])
+    assert result.exit_code == 0, result.output
+    reader, tensors = _read(tmp_path / "out" / "smollm2-135m-instruct-f16.gguf")
+    embed = load_file(shipped_model_cache / "model.safetensors")["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(tensors["token_embd.weight"][1], embed.half().float().numpy())
+    unknown = CliRunner().invoke(cli_app(), ["export", "--gguf", "--model", "slimtune:nope", "--output", str(tmp_path)])
+    assert unknown.exit_code == 2 and "--model='slimtune:nope': no shipped model 'nope'" in unknown.output

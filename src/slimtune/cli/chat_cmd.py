@@ -11,7 +11,8 @@ import typer
 
 
 def chat_command(
-    model: Annotated[str, typer.Option("--model", help="Base model folder or hub name.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Base model: a folder, a hub name or "
+                                       "slimtune:smollm2-135m-instruct.", show_default=False)],
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="Adapter folder, or NAME=DIR; repeat to "
                                                       "load several (switch with `/adapter NAME`).")] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,

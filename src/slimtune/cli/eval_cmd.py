@@ -11,7 +11,8 @@ import typer
 
 
 def eval_command(
-    model: Annotated[str, typer.Option("--model", help="Base model folder or hub name.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Base model: a folder, a hub name or "
+                                       "slimtune:smollm2-135m-instruct.", show_default=False)],
     data: Annotated[str, typer.Option("--data", help="Held-out rows (.jsonl/.json/.csv/.parquet, hub name, or "
                                       "`slimtune:<name>`).", show_default=False)],
     output: Annotated[str, typer.Option("--output", help="Folder for metrics.json, samples.jsonl, chart.png, "

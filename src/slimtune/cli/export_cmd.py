@@ -12,8 +12,8 @@ import typer
 
 
 def export_command(
-    model: Annotated[str, typer.Option("--model", help="Merged model folder (from `slimtune merge`).",
-                                       show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Merged model folder (from `slimtune merge`), or "
+                                       "slimtune:smollm2-135m-instruct.", show_default=False)],
     output: Annotated[str, typer.Option("--output", help="A .gguf file, or a folder receiving "
                                         "NAME-OUTTYPE.gguf per --outtype.", show_default=False)],
     gguf: Annotated[bool, typer.Option("--gguf", help="Write GGUF (the only export format for now).")] = False,
@@ -30,13 +30,15 @@ def export_command(
 
     def body() -> None:
         from slimtune.infer.gguf_export import export_gguf
+        from slimtune.models import resolve_model
 
         if not gguf:
             raise ValueError("choose an export format: --gguf (the only one for now)")
         types = outtype or ["f16"]
         _quiet_transformers()
-        for kind, path in gguf_targets(model, output, types).items():
-            written = export_gguf(model, path, kind, pre_tokenizer=pre_tokenizer)
+        folder = resolve_model(model, "--model")
+        for kind, path in gguf_targets(folder, output, types).items():
+            written = export_gguf(folder, path, kind, pre_tokenizer=pre_tokenizer)
             size = written.stat().st_size / 2**20
             console.print(f"{kind}: {written} ({size:.1f} MiB)", highlight=False)
 

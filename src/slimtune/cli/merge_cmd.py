@@ -11,7 +11,8 @@ import typer
 
 
 def merge_command(
-    model: Annotated[str, typer.Option("--model", help="Base model folder or hub name.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Base model: a folder, a hub name or "
+                                       "slimtune:smollm2-135m-instruct.", show_default=False)],
     adapter: Annotated[str, typer.Option("--adapter", help="Adapter folder.", show_default=False)],
     output: Annotated[str, typer.Option("--output", help="New folder for the merged model.", show_default=False)],
     max_logit_diff: Annotated[float | None, typer.Option(

@@ -14,7 +14,8 @@ API_KEY_ENV = "SLIMTUNE_API_KEY"
 
 
 def serve_command(
-    model: Annotated[str, typer.Option("--model", help="Base model folder or hub name.", show_default=False)],
+    model: Annotated[str, typer.Option("--model", help="Base model: a folder, a hub name or "
+                                       "slimtune:smollm2-135m-instruct.", show_default=False)],
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="NAME=DIR (or DIR); repeat for several. "
                                                       "Requests choose one with `model: NAME`.")] = None,
     model_name: Annotated[str | None, typer.Option("--model-name", help="Name of the base model in requests "

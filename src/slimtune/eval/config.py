@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from slimtune.data.config import FORMATS, TEMPLATES
+from slimtune.models import check_model_name
 
 
 @dataclass
@@ -12,7 +13,7 @@ class EvalConfig:
     """One evaluation: perplexity and generation metrics of a base model and (optionally) its adapter."""
 
     model: str
-    """Base model: a folder in Hugging Face format or a hub name."""
+    """Base model: a folder in Hugging Face format, a hub name or slimtune:smollm2-135m-instruct."""
     data: str
     """Held-out rows: a .json/.jsonl/.csv/.parquet file, a hub name, or slimtune:<name> (its eval split)."""
     output: str
@@ -38,7 +39,8 @@ class EvalConfig:
     max_new_tokens: int = 128
     """Generation length cap for the answers (greedy decoding)."""
     judge: str | None = None
-    """Local judge model folder: grades each answer 1-10 and compares fine-tuned vs base (MT-Bench style)."""
+    """Local judge model folder (or a slimtune: name): grades each answer 1-10 and compares fine-tuned vs base
+    (MT-Bench style)."""
     judge_max_new_tokens: int = 256
     """Generation length cap for the judge's explanations and verdicts."""
     quantization: str = "auto"
@@ -49,6 +51,9 @@ class EvalConfig:
     """torch device; None picks cuda when available, else cpu."""
 
     def __post_init__(self) -> None:
+        check_model_name(self.model, "--model")
+        if self.judge is not None:
+            check_model_name(self.judge, "--judge")
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r} is not allowed; use one of {', '.join(FORMATS)}")
         if self.template not in TEMPLATES:

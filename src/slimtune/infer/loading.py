@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.models import resolve_model
+
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4")
 """`--quantization` values: auto (4-bit only for a QLoRA run's adapter), none, nf4, fp4."""
 
@@ -74,10 +76,11 @@ def parse_adapter_args(values: list[str] | None) -> dict[str, Path]:
 def load_for_inference(model: str | os.PathLike, adapters: dict[str, str | os.PathLike] | None = None,
                        quantization: str = "auto", dtype: str = "auto", device: str | None = None,
                        base_name: str | None = None) -> LoadedModel:
-    """Load `model` (folder or hub name) and each adapter folder; the first adapter is active."""
+    """Load `model` (folder, hub name or slimtune: name) and each adapter folder; the first adapter is active."""
     adapter_dirs = {name: _check_adapter_dir(Path(path), name) for name, path in (adapters or {}).items()}
     target = _device(device)
     torch_dtype = _parse_dtype(dtype, target)
+    model = resolve_model(model)  # after the cheap checks: a slimtune: name may convert first
     tokenizer, tok_source = _load_tokenizer(str(model), list(adapter_dirs.values()))
     quant = _resolve_quantization(quantization, list(adapter_dirs.values()))
     base = _load_base(str(model), quant, torch_dtype, target)

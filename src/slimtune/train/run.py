@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
+from slimtune.models import resolve_model
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
 from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
@@ -101,7 +102,9 @@ def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: An
     save_atomically(artifact, lambda tmp: (model.save_pretrained(str(tmp)), save_tokenizer_for_run(
         tokenizer, data.template, tmp, generation_config=getattr(base, "generation_config", None))))
     plot_metrics(state.history, artifact.parent / PLOT_FILE, console)
-    write_model_card(artifact.parent / "README.md", cfg, state, data.stats, artifact.name)
+    # the card's code loads the base with plain transformers, which knows folders, not slimtune: names
+    card_cfg = replace(cfg, model=resolve_model(cfg.model))
+    write_model_card(artifact.parent / "README.md", card_cfg, state, data.stats, artifact.name)
     console.print(f"[green]done:[/green] {state.step} steps; {artifact.name} saved to {artifact}")
     return artifact
 
@@ -115,9 +118,11 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise ValueError(f"--resume: no complete checkpoint under {out / 'checkpoints'}")
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of a config's `model` (a folder, a hub name or a slimtune: name)."""
     from transformers import AutoTokenizer
 
+    path = resolve_model(model)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -128,8 +133,9 @@ def build_model(cfg: RunConfig, device: torch.device, vocab_size: int | None, to
     """Load the base model, grow its vocabulary if the template added tokens, and prepare `cfg.method`."""
     peft_config = None if cfg.method == "full" else build_peft_config(cfg.method, cfg.peft, total_steps)
     dtype = torch.float32 if cfg.method == "full" else weights_dtype(cfg.train.precision, device)
+    path = resolve_model(cfg.model)
     try:
-        model = load_base_model(cfg.model, cfg.method, dtype, cfg.quant, device)
+        model = load_base_model(path, cfg.method, dtype, cfg.quant, device)
     except OSError as err:
         raise ValueError(f"model: cannot load {cfg.model!r} ({_first_line(err)})") from None
     if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from slimtune.models import DEFAULT_MODEL, check_model_name
 from slimtune.train.config import TrainConfig
 from slimtune.train.methods import METHODS, check_peft_section, method_spec
 from slimtune.train.schema import check_keys, coerce, from_mapping, to_plain
@@ -37,7 +38,8 @@ class QuantConfig:
 @dataclass
 class RunConfig:
     model: str
-    """Base model: a local folder in Hugging Face format or a hub name."""
+    """Base model: a local folder in Hugging Face format, a hub name, or slimtune:smollm2-135m-instruct
+    (SmolLM2-135M-Instruct, shipped with slimtune and converted once on first use, no network needed)."""
     data: Any
     """The data section (slimtune.data.DataConfig): path, format, eval_path, template, packing, ...;
     omitted: the defaults of DataConfig."""
@@ -54,7 +56,8 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise ValueError("'model' must name a model folder or hub name")
+            raise ValueError(f"'model' must name a model folder, a hub name or {DEFAULT_MODEL}")
+        check_model_name(self.model)
         if not self.output_dir:
             raise ValueError("'output_dir' must be a folder path")
         check_keys([self.method], METHODS, "method")
@@ -68,7 +71,7 @@ class RunConfig:
             raise ValueError(f"a run config must be a mapping of sections; got {type(raw).__name__}")
         check_keys(raw, _TOP_LEVEL, "")
         if raw.get("model") is None:
-            raise ValueError("missing required key 'model' (a model folder or hub name)")
+            raise ValueError(f"missing required key 'model' (a model folder, a hub name or {DEFAULT_MODEL})")
         return cls(
             model=coerce(raw["model"], str, "model"),
             data=from_mapping(_data_config_class(), raw.get("data"), "data"),

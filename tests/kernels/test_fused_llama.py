@@ -112,11 +112,12 @@ def test_kernels_off_means_transformers_forward_bit_for_bit():
         assert all(torch.equal(got[n], want[n]) for n in want)
 
 
-def test_generation_with_cache_takes_the_plain_attention():
-    plain, fused, _ = _pair("llama")
+def test_generation_with_cache_takes_the_plain_attention(kernel_device):
+    plain, fused, swapped = _pair("llama", kernel_device)
+    assert swapped == 9
     plain.eval()
     fused.eval()
-    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(2)).to(kernel_device)
     kwargs = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
     assert torch.equal(fused.generate(input_ids=ids, **kwargs), plain.generate(input_ids=ids, **kwargs))
 

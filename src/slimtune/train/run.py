@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from torch import nn
 
+from slimtune.kernels.llama_fused import fast_modules
 from slimtune.models import resolve_model
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
@@ -162,6 +163,10 @@ def describe_run(console: Console, cfg: RunConfig, data: Any, model: nn.Module, 
         f"template {stats.template}); {total_steps} steps of {cfg.train.batch_size} x {cfg.train.grad_accum} "
         f"on {device} in {precision}"
     )
+    fused = fast_modules(model)
+    if fused:
+        console.print(f"fast path: fused {', '.join(sorted(set(fused.values())))} in {len(fused)} modules "
+                      "(self-checked against transformers' own forward)")
     if data.added_tokens and cfg.method != "full" and not cfg.peft.get("modules_to_save"):
         console.print(f"[yellow]the template added tokens {data.added_tokens} to the tokenizer; their new "
                       "embeddings stay untrained unless peft.modules_to_save includes the embedding and lm_head "

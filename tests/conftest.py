@@ -11,6 +11,10 @@ for folder in [_HERE, *sorted(p for p in _HERE.iterdir() if p.is_dir() and not p
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without CUDA, Triton kernels run under its interpreter. Triton before 3.9 reads TRITON_INTERPRET when a
+# kernel is defined, so it is set here, before any test module imports slimtune.kernels (and so triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_run import build_llama, build_tokenizer  # noqa: E402  (tests/train, on sys.path from here on)
 

@@ -1,13 +1,8 @@
-"""Kernel tests: without CUDA, Triton kernels run under its interpreter (TRITON_INTERPRET=1, set
-before triton is imported); `@pytest.mark.gpu` tests are skipped there."""
-
-import os
+"""Kernel tests: without CUDA, Triton kernels run under its interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before triton is imported); `@pytest.mark.gpu` tests are skipped there."""
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
+import transformers
 from prompt_cases import CASES, GEN_MODELS, MODELS, greedy_by_forward, pair, perturb
 from safetensors.torch import load_file
 
@@ -68,27 +69,38 @@ def test_files_load_both_ways(case, model_name, tmp_path):
                                load_file(tmp_path / "theirs" / "adapter_model.safetensors")["prompt_embeddings"])
 
 
-PEFT_GENERATE_AGREES = {("prefix", "bloom"), ("prompt", "t5"), ("ptune_mlp", "t5")}
-
-
-@pytest.mark.parametrize("model_name", GEN_MODELS)
-@pytest.mark.parametrize("case", ["prompt", "prefix", "ptune_mlp"])
-def test_greedy_generation_matches_peft(case, model_name):
+def _greedy_pair(case, model_name):
     ours, theirs = pair(case, model_name)
     perturb(ours.prompt_encoder["default"])
     theirs.prompt_encoder["default"].load_state_dict(ours.prompt_encoder["default"].state_dict())
     tiny = TINY_MODELS[model_name]
     ids = tiny.inputs()["input_ids"]
-    encoder_decoder = tiny.task_type == "SEQ_2_SEQ_LM"
     got = ours.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    # peft's forward is the reference: with transformers 5.24 peft's own generate() drifts from its forward for
-    # prompt tuning / P-tuning on decoder-only models and for prefix tuning on llama and T5
-    reference = greedy_by_forward(theirs, ids, 5, encoder_decoder)
+    # the reference is greedy decoding by full recompute through peft's forward (no cache, no generate())
+    reference = greedy_by_forward(theirs, ids, 5, tiny.task_type == "SEQ_2_SEQ_LM")
+    return ids, got, reference, theirs
+
+
+@pytest.mark.parametrize("model_name", GEN_MODELS)
+@pytest.mark.parametrize("case", ["prompt", "prefix", "ptune_mlp"])
+def test_greedy_generation_matches_full_recompute_through_peft(case, model_name):
+    _, got, reference, _ = _greedy_pair(case, model_name)
     assert torch.equal(got, reference), (got, reference)
-    if (case, model_name) in PEFT_GENERATE_AGREES:
-        peft_generated = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                                         do_sample=False)
-        assert torch.equal(got, peft_generated)
+
+
+@pytest.mark.parametrize("model_name", GEN_MODELS)
+@pytest.mark.parametrize("case", ["prompt", "prefix", "ptune_mlp"])
+def test_greedy_generation_matches_peft_generate(case, model_name):
+    """peft's own generate() is an oracle only where it agrees with its own forward (peft 0.21.2 on transformers
+    5.25 does not in 6 of these 12 cases, prefix tuning on llama, gpt2 and T5 among them); where it does not,
+    the test skips and names the versions."""
+    ids, got, reference, theirs = _greedy_pair(case, model_name)
+    peft_generated = theirs.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                     do_sample=False)
+    if not torch.equal(peft_generated, reference):
+        pytest.skip(f"peft {peft.__version__}'s generate() disagrees with its own forward (full recompute) on "
+                    f"transformers {transformers.__version__} for {case}/{model_name}: not an oracle there")
+    assert torch.equal(got, peft_generated)
 
 
 def test_seq_cls_prompt_tuning_matches_peft(tmp_path):

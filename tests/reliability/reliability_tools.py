@@ -122,7 +122,11 @@ def losses(run_dir: Path) -> list[float]:
 
 # ---- checkpoint inspection --------------------------------------------------------------------------------
 def check_checkpoint_loadable(folder: Path) -> int:
-    """Load every file a complete checkpoint's manifest lists, as resume would; return its step."""
+    """Verify a complete checkpoint (sizes and sha256 of its files, its trainer state, finite weights) and
+    load every file its manifest lists, as resume would; return its step."""
+    from slimtune.train.checkpoint import verify_checkpoint
+
+    verify_checkpoint(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     for name in manifest["files"]:
         path = folder / name

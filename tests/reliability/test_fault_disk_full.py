@@ -42,11 +42,19 @@ def _checkpointable() -> ckpt_mod.Checkpointable:
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(lr=1e-2)
     optimizer = build_optimizer(params, cfg)
-    ids = torch.arange(3, 13).unsqueeze(0)
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    return ckpt_mod.Checkpointable(model, optimizer, build_scheduler(optimizer, cfg, 10),
+    objs = ckpt_mod.Checkpointable(model, optimizer, build_scheduler(optimizer, cfg, 10),
                                    torch.amp.GradScaler("cpu", enabled=False), save_adapter=True)
+    _train_step(objs)
+    return objs
+
+
+def _train_step(objs: ckpt_mod.Checkpointable) -> None:
+    """One optimizer and scheduler step, so that a TrainState of the next step agrees with them."""
+    ids = torch.arange(3, 13).unsqueeze(0)
+    objs.model(input_ids=ids, labels=ids).loss.backward()
+    objs.optimizer.step()
+    objs.scheduler.step()
+    objs.optimizer.zero_grad()
 
 
 WRITES = ["trainable.safetensors", "adapter", "optimizer.pt", "rng.pt", "trainer_state.json", "manifest.json"]
@@ -60,14 +68,15 @@ def test_enospc_inside_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monk
     objs = _checkpointable()
     root = tmp_path / "checkpoints"
     first = ckpt_mod.save_checkpoint(root, objs, TrainState(step=1), keep=2)
-    before = load_file(str(first / "trainable.safetensors"))
+    before = {k: v.clone() for k, v in load_file(str(first / "trainable.safetensors")).items()}
+    _train_step(objs)
     patches = {
         "trainable.safetensors": (ckpt_mod, "save_file"),
         "adapter": (objs.model, "save_pretrained"),
         "optimizer.pt": (torch, "save"),
         "rng.pt": (ckpt_mod, "rng_state"),
         "trainer_state.json": (Path, "write_text"),
-        "manifest.json": (ckpt_mod, "_write_synced"),
+        "manifest.json": (ckpt_mod, "write_manifest"),
     }
     target, name = patches[failing_write]
     monkeypatch.setattr(target, name, _enospc)

@@ -1,6 +1,9 @@
 """kill -9 of `slimtune train` (the real CLI, in a subprocess) at 20 points after its first checkpoint,
 each followed by `--resume`: the run always resumes, every checkpoint on disk is complete and loadable
-(or an ignored leftover), and the final adapter and losses equal an uninterrupted run's bit for bit.
+(or an ignored leftover), and the final adapter and every logged row (all but the timing fields) equal
+an uninterrupted run's bit for bit. The same holds when save_every does not line up with log_every (the
+checkpoint carries the steps not logged yet), and a run resumed with a longer max_steps follows the
+longer schedule from its first resumed step.
 
 # Note: where the kills land
 Checkpoints are written every step (save_every 1), so about half of the training time is spent inside
@@ -17,12 +20,14 @@ The counts are printed at the end of the session (conftest) and recorded in docs
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import signal
 import time
 from pathlib import Path
 
+import pytest
 from reliability_tools import (
     FAULT_STATS,
     ForkedRun,
@@ -31,13 +36,19 @@ from reliability_tools import (
     assert_same_tensors,
     check_checkpoint_loadable,
     checkpoint_dirs,
-    losses,
     write_run_config,
 )
 
 KILLS = 20
 KEEP = 2
 _TMP_STEP = re.compile(r"^\.tmp-step-(\d+)$")
+TIMING = ("tokens_per_s", "memory_gb")  # wall-clock and memory figures: the only fields allowed to differ
+
+
+def logged_rows(run_dir: Path) -> list[dict[str, object]]:
+    """Every metrics.jsonl row (train and eval) without its timing fields."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
 
 
 def newest_step(run_dir: Path) -> int:
@@ -115,7 +126,7 @@ def kill_chain(zygote: Zygote, run_dir: Path, config: Path, rng: random.Random, 
         _, err = proc.communicate(timeout=240)
         text = err.decode(errors="replace")
         if resume:
-            assert "resuming from" in text, text[-2000:]
+            assert "resuming from" in text and "Not resuming from it" not in text, text[-2000:]
         if proc.returncode == 0:  # ran to the end (the last launch, or it finished before the kill)
             return kills, resumes
         assert proc.returncode == -signal.SIGKILL, text[-2000:]  # a resume never fails on its own
@@ -140,10 +151,68 @@ def test_kill_9_at_random_points_then_resume_is_bit_exact(tmp_path: Path, tiny_m
             k, r = kill_chain(zygote, run_dir, config, rng, KILLS - kills, landed)
             kills, resumes = kills + k, resumes + r
             assert_same_tensors(adapter_tensors(run_dir), adapter_tensors(baseline))
-            assert losses(run_dir) == losses(baseline)
+            assert logged_rows(run_dir) == logged_rows(baseline)
             assert not [p for p in checkpoint_dirs(run_dir)[1] if p.name.startswith(".tmp-step-")]
     mid_save = sum(v for k, v in landed.items() if k.startswith("mid_save"))
     FAULT_STATS.update(kills=kills, kills_mid_save=mid_save, resumes=resumes, resumes_ok=resumes, chains=chains,
                        launches=zygote.launches, **landed)
     print(f"\nkills={kills} resumes={resumes} chains={chains} landed={landed}")
     assert kills >= KILLS and mid_save >= 3, landed
+
+
+def _uninterrupted(zygote: Zygote, root: Path, tiny_model_dir: Path, tiny_rows: Path, **train: object) -> Path:
+    root.mkdir()
+    config = write_run_config(root, tiny_model_dir, tiny_rows, root / "run", **train)
+    proc = zygote.train(config)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return root / "run"
+
+
+def test_kill_9_when_saves_and_logs_do_not_line_up_keeps_every_row(tmp_path: Path, tiny_model_dir: Path,
+                                                                   tiny_rows: Path) -> None:
+    """save_every 2, log_every 3: most checkpoints fall inside a metrics window, whose steps they carry."""
+    cadence = {"max_steps": 24, "log_every": 3, "save_every": 2}
+    rng = random.Random(20240910)
+    landed: dict[str, int] = {}
+    with Zygote(tmp_path) as zygote:
+        baseline = _uninterrupted(zygote, tmp_path / "baseline", tiny_model_dir, tiny_rows, **cadence)
+        run_dir = tmp_path / "chain"
+        config = write_run_config(tmp_path, tiny_model_dir, tiny_rows, run_dir, **cadence)
+        kills, _ = kill_chain(zygote, run_dir, config, rng, 4, landed)
+    assert kills >= 1, landed
+    assert_same_tensors(adapter_tensors(run_dir), adapter_tensors(baseline))
+    assert logged_rows(run_dir) == logged_rows(baseline)
+    assert [r["step"] for r in logged_rows(run_dir)] == list(range(3, 25, 3))
+    FAULT_STATS.update(misaligned_kills=kills, misaligned_rows_equal=True)
+
+
+@pytest.mark.parametrize("stop", ["killed", "finished"])
+def test_resume_with_a_longer_max_steps_follows_the_longer_schedule_from_its_first_step(
+        tmp_path: Path, tiny_model_dir: Path, tiny_rows: Path, stop: str) -> None:
+    """Note: the schedule of a resumed run (train/optim.py): the lr of every resumed step is the longer
+    schedule's, as if the run had been configured with it from the start; the steps before keep theirs."""
+    schedule = {"scheduler": "linear", "warmup_steps": 2, "log_every": 1, "save_every": 1}
+    with Zygote(tmp_path) as zygote:
+        short = _uninterrupted(zygote, tmp_path / "short", tiny_model_dir, tiny_rows, max_steps=12, **schedule)
+        long = _uninterrupted(zygote, tmp_path / "long", tiny_model_dir, tiny_rows, max_steps=24, **schedule)
+        run_dir = tmp_path / "run"
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        first = write_run_config(tmp_path / "a", tiny_model_dir, tiny_rows, run_dir, max_steps=12, **schedule)
+        proc = zygote.train(first)
+        if stop == "killed":
+            assert wait_for_progress(proc, run_dir, 3)
+            proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=240)
+        resumed_at = newest_step(run_dir)
+        longer = write_run_config(tmp_path / "b", tiny_model_dir, tiny_rows, run_dir, max_steps=24, **schedule)
+        proc = zygote.train(longer, "--resume")
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0 and f"(step {resumed_at})" in err.decode(), err.decode(errors="replace")[-2000:]
+    rows = logged_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert rows[:resumed_at] == logged_rows(short)[:resumed_at]  # what was trained stays as it was
+    assert [r["lr"] for r in rows[resumed_at:]] == [r["lr"] for r in logged_rows(long)[resumed_at:]]
+    assert rows[resumed_at]["lr"] > 0.0  # not the 12-step schedule's final lr
+    FAULT_STATS[f"longer_schedule_{stop}_at"] = resumed_at

@@ -1,4 +1,4 @@
-"""Atomic checkpoints under output_dir/checkpoints/step-N, and resuming from the newest complete one.
+"""Atomic checkpoints under output_dir/checkpoints/step-N, and resuming from the newest one that proves intact.
 
 # Note: atomic checkpoints
 Everything is written into a hidden `.tmp-step-N` folder, each file fsync'ed, then `manifest.json` is
@@ -11,10 +11,18 @@ Layout of one checkpoint:
   method_state.safetensors  a PEFT method's state outside its parameters, if any (AdaLoRA's rank allocator)
   adapter/                the adapter in PEFT format (save_pretrained), for PEFT methods
   optimizer.pt scheduler.pt scaler.pt rng.pt   state dicts (tensors and primitives only)
-  trainer_state.json      step, data position, shuffling seed, early stopping, metrics so far
-  manifest.json           step, file list; written last
+  trainer_state.json      step, data position, shuffling seed, early stopping, metrics so far, the
+                          partial metrics window
+  manifest.json           step, size and sha256 of every other file (train/manifest.py); written last
 Every tensor is complete, also from a sharded (FSDP2) run, which gathers them first and lays them out as
 its shards again on load (`Checkpointable.shard`): one checkpoint resumes on any number of ranks.
+
+# Note: trusting a checkpoint
+A checkpoint is restored only after all of it has been read and checked: every file against the
+manifest's size and hash, trainer_state.json field by field (train/state.py), each state dict for the
+keys, sizes and step it must have, weights and moments for NaN/inf (train/checkpoint_content.py).
+Nothing is restored before all checks pass, so `resume_latest` can fall back from a damaged newest
+checkpoint to the one before it. A state with NaN or inf is never written in the first place.
 """
 
 from __future__ import annotations
@@ -36,15 +44,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimtune.train.checkpoint_content import (
+    check_optimizer_state,
+    check_rng_state,
+    check_scaler_state,
+    check_schedule_state,
+    first_nonfinite,
+)
+from slimtune.train.manifest import MANIFEST, CheckpointDamaged, Manifest, verify_manifest, write_manifest
 from slimtune.train.methods import load_method_state, method_state, trainable_parameters
+from slimtune.train.optim import set_schedule_step
 from slimtune.train.rng import rng_state, set_rng_state
 from slimtune.train.state import TrainState
 
-MANIFEST = "manifest.json"
 METHOD_STATE = "method_state.safetensors"
-FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
+
+
+class NonFiniteState(ValueError):
+    """The weights or optimizer moments hold NaN or inf: such a state is never written as a checkpoint."""
 
 
 @dataclass
@@ -104,21 +123,25 @@ def write_failure(err: BaseException, folder: Path, what: str, last_good: Path |
 
 def _write_checkpoint(tmp: Path, objs: Checkpointable, state: TrainState,
                       optimizer_state: dict[str, Any] | None) -> None:
-    tmp.mkdir()
     tensors = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in trainable_parameters(objs.model).items()}
+    optimizer = objs.optimizer.state_dict() if optimizer_state is None else optimizer_state
+    moments = {f"{key} of parameter {i}": v for i, entry in optimizer["state"].items()
+               for key, v in entry.items() if torch.is_tensor(v)}
+    if bad := first_nonfinite(tensors) or first_nonfinite(moments):
+        raise NonFiniteState(f"{bad} is NaN or inf after step {state.step}: no checkpoint is written for it")
+    tmp.mkdir()
     save_file(tensors, str(tmp / "trainable.safetensors"))
     if extra := method_state(objs.model):
         save_file(extra, str(tmp / METHOD_STATE))
     if objs.save_adapter:
         objs.model.save_pretrained(str(tmp / "adapter"))
-    torch.save(objs.optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+    torch.save(optimizer, tmp / "optimizer.pt")
     torch.save(objs.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(objs.scaler.state_dict(), tmp / "scaler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state.to_dict(), indent=1))
-    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
     _fsync_tree(tmp)
-    _write_synced(tmp / MANIFEST, json.dumps({"format": FORMAT_VERSION, "step": state.step, "files": files}))
+    write_manifest(tmp, state.step)
 
 
 def is_complete(path: Path) -> bool:
@@ -154,53 +177,192 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+@dataclass
+class Resumed:
+    """What resume_latest found: the checkpoint it restored and the newer ones it could not trust."""
+
+    path: Path
+    state: TrainState
+    rejected: list[tuple[Path, str]]
+    """(checkpoint, why it was not trusted), newest first; each was moved to `damaged-step-N`."""
+    verified: bool
+    """Whether the files were checked against sizes and hashes in the manifest (format 2)."""
+
+
+def resume_latest(root: Path, objs: Checkpointable, set_aside: bool = True) -> Resumed:
+    """Restore the newest checkpoint under `root` that proves itself intact.
+
+    A damaged newer one is skipped and renamed `damaged-step-N` (so it is neither resumed from nor
+    overwritten nor pruned; `set_aside=False` leaves it in place, for ranks other than the writer). If
+    none is intact: ValueError naming the damaged file of each. A checkpoint of another model or method
+    is no damage: its ValueError propagates (older checkpoints of the run would not match either).
+    """
+    rejected: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            loaded = _read_checkpoint(path, objs)
+        except CheckpointDamaged as err:
+            rejected.append((path, str(err)))
+            continue
+        if set_aside:
+            rejected = [(_set_aside(p), why) for p, why in rejected]
+        _restore(loaded, objs)
+        return Resumed(path, loaded.state, rejected, loaded.verified)
+    if not rejected:
+        raise ValueError(f"--resume: no complete checkpoint under {root}")
+    raise ValueError(f"--resume: no intact checkpoint under {root}: " + "; ".join(why for _, why in rejected)
+                     + ". Restore the damaged files, or train again into another output_dir")
+
+
 def load_checkpoint(path: Path, objs: Checkpointable) -> TrainState:
-    """Restore weights, optimizer, scheduler, scaler and RNG from `path`; return its TrainState."""
-    if not is_complete(path):
-        raise ValueError(f"checkpoint {path} is incomplete (no {MANIFEST})")
-    device = next(objs.model.parameters()).device
-    _read(path / "trainable.safetensors", lambda f: _load_trainable(f, objs.model, objs.shard))
+    """Restore weights, optimizer, scheduler, scaler and RNG from `path`; return its TrainState.
+
+    Everything is read and checked first (CheckpointDamaged naming the file), then restored.
+    """
+    loaded = _read_checkpoint(path, objs)
+    _restore(loaded, objs)
+    return loaded.state
+
+
+def verify_checkpoint(path: Path) -> TrainState:
+    """The TrainState of `path` if its files prove themselves and its weights are finite, else CheckpointDamaged."""
+    manifest = _verified_manifest(path)
+    state = _read_state(path, manifest.step)
+    trainable = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    _check_finite(path / "trainable.safetensors", trainable)
+    return state
+
+
+def last_good_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint under `root` that verify_checkpoint accepts, or None."""
+    for path in reversed(list_checkpoints(root)):
+        with contextlib.suppress(CheckpointDamaged):
+            verify_checkpoint(path)
+            return path
+    return None
+
+
+_REQUIRED = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng.pt", "trainer_state.json")
+
+
+@dataclass
+class _Loaded:
+    """A checkpoint read into memory and checked, nothing restored yet."""
+
+    state: TrainState
+    trainable: dict[str, torch.Tensor]
+    method_state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scaler: dict[str, Any]
+    rng: dict[str, Any]
+    verified: bool
+
+
+def _read_checkpoint(path: Path, objs: Checkpointable) -> _Loaded:
+    manifest = _verified_manifest(path)
+    state = _read_state(path, manifest.step)
+    trainable = _read(path / "trainable.safetensors", lambda f: load_file(str(f)))
+    _check_matches_model(path, trainable, objs.model)
+    _check_finite(path / "trainable.safetensors", trainable)
     extra = path / METHOD_STATE
-    load_method_state(objs.model, _read(extra, lambda f: load_file(str(f))) if extra.is_file() else {})
-    optimizer_state = _read(path / "optimizer.pt", lambda f: _load(f, device))
-    objs.optimizer.load_state_dict(_shard_optimizer_state(optimizer_state, objs.optimizer, objs.shard))
-    objs.scheduler.load_state_dict(_read(path / "scheduler.pt", lambda f: _load(f, "cpu")))
-    objs.scaler.load_state_dict(_read(path / "scaler.pt", lambda f: _load(f, "cpu")))
-    set_rng_state(_read(path / "rng.pt", lambda f: _load(f, "cpu")))
-    state = _read(path / "trainer_state.json", lambda f: json.loads(f.read_text()))
-    return TrainState.from_dict(state)
+    method_tensors = _read(extra, lambda f: load_file(str(f))) if METHOD_STATE in manifest.files else {}
+    device = next(objs.model.parameters()).device
+    file = path / "optimizer.pt"
+    optimizer = check_optimizer_state(file, _read(file, lambda f: _load(f, device)), objs.optimizer, state.step,
+                                      may_skip_steps=objs.scaler.is_enabled())
+    file = path / "scheduler.pt"
+    check_schedule_state(file, _read(file, lambda f: _load(f, "cpu")), state.step)
+    file = path / "scaler.pt"
+    scaler = check_scaler_state(file, _read(file, lambda f: _load(f, "cpu")), objs.scaler)
+    file = path / "rng.pt"
+    rng = check_rng_state(file, _read(file, lambda f: _load(f, "cpu")))
+    return _Loaded(state, trainable, method_tensors, optimizer, scaler, rng, manifest.verified)
 
 
-def _read(file: Path, load: Callable[[Path], Any]) -> Any:
-    """load(file), with a damaged or missing file reported as a ValueError naming it."""
+def _verified_manifest(path: Path) -> Manifest:
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder (step-N)")
+    manifest = verify_manifest(path, int(match.group(1)))
+    if missing := [name for name in _REQUIRED if name not in manifest.files]:
+        raise CheckpointDamaged(path / MANIFEST, f"does not list {', '.join(missing)}")
+    return manifest
+
+
+def _read_state(path: Path, step: int) -> TrainState:
+    file = path / "trainer_state.json"
+    raw = _read(file, lambda f: json.loads(f.read_text(encoding="utf-8")))
     try:
-        return load(file)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, json.JSONDecodeError,
-            KeyError) as err:
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise ValueError(f"checkpoint {file.parent}: {file.name} is damaged or unreadable ({reason}); delete "
-                         f"{file.parent} to resume from the checkpoint before it") from None
+        state = TrainState.from_dict(raw)
+    except ValueError as err:
+        raise CheckpointDamaged(file, f"is not a valid trainer state: {err}") from None
+    if state.step != step:
+        raise CheckpointDamaged(file, f"says step {state.step}, the checkpoint is for step {step}")
+    return state
 
 
-def _load(path: Path, device: Any) -> Any:
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-def _load_trainable(path: Path, model: nn.Module, shard: Callable[..., torch.Tensor] | None) -> None:
-    saved = load_file(str(path))
+def _check_matches_model(path: Path, saved: dict[str, torch.Tensor], model: nn.Module) -> None:
     params = trainable_parameters(model)
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise ValueError(
-            f"checkpoint {path.parent} does not match this model/method (missing {missing[:3]}, "
+            f"checkpoint {path} does not match this model/method (missing {missing[:3]}, "
             f"unexpected {extra[:3]}); resume with the config it was trained with"
         )
+    for name, p in params.items():
+        if saved[name].shape != p.shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
+                             f"the model expects {tuple(p.shape)}")
+
+
+def _check_finite(file: Path, tensors: dict[str, torch.Tensor]) -> None:
+    if bad := first_nonfinite(tensors):
+        raise CheckpointDamaged(file, f"holds NaN or inf in {bad}: the weights of a diverged run")
+
+
+def _restore(loaded: _Loaded, objs: Checkpointable) -> None:
+    """Put a checked checkpoint into the live objects; hyperparameters and schedule stay this run's config's
+    (Note: the schedule of a resumed run, in train/optim.py)."""
     with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(f"checkpoint {path.parent}: {name} has shape {tuple(saved[name].shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            p.copy_(saved[name] if shard is None else shard(saved[name], p))
+        for name, p in trainable_parameters(objs.model).items():
+            saved = loaded.trainable[name]
+            p.copy_(saved if objs.shard is None else objs.shard(saved, p))
+    load_method_state(objs.model, loaded.method_state)
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in objs.optimizer.param_groups]
+    objs.optimizer.load_state_dict(_shard_optimizer_state(loaded.optimizer, objs.optimizer, objs.shard))
+    for group, hyper in zip(objs.optimizer.param_groups, configured, strict=True):
+        group.update(hyper)
+    set_schedule_step(objs.scheduler, loaded.state.step)
+    if loaded.scaler:
+        objs.scaler.load_state_dict(loaded.scaler)
+    set_rng_state(loaded.rng)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the step-N namespace, keeping it for inspection."""
+    target = path.with_name(f"damaged-{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"damaged-{path.name}-{n}")
+    os.replace(path, target)
+    return target
+
+
+def _read(file: Path, load: Callable[[Path], Any]) -> Any:
+    """load(file), with a damaged or missing file reported as CheckpointDamaged naming it."""
+    try:
+        return load(file)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, ValueError,
+            UnicodeDecodeError, RecursionError, KeyError) as err:
+        if isinstance(err, CheckpointDamaged):
+            raise
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CheckpointDamaged(file, f"is damaged or unreadable ({reason})") from None
+
+
+def _load(path: Path, device: Any) -> Any:
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def _shard_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -214,13 +376,6 @@ def _shard_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimiz
             if isinstance(i, int) and i < len(params) and torch.is_tensor(value) and value.shape == params[i].shape:
                 entry[key] = shard(value, params[i])
     return saved
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -254,6 +254,12 @@ class DistributedTrainer(Trainer):
     def open_log(self) -> Any:
         return super().open_log() if self.rank == 0 else _NullLog()
 
+    def nonfinite_parameter(self) -> str | None:
+        """Agreed on by all ranks: a NaN in one rank's FSDP2 shard stops every rank before the save's collectives."""
+        name = super().nonfinite_parameter()
+        found = self._all_sum(torch.tensor(float(name is not None), device=self.device)).item()
+        return name or ("a parameter shard of another rank" if found else None)
+
     def save(self) -> Path:
         """Rank 0 writes the checkpoint (DDP replicas are identical; FSDP2 shards gathered first); all wait."""
         barrier()

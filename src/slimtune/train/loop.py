@@ -22,7 +22,13 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from slimtune.train.checkpoint import Checkpointable, latest_checkpoint, load_checkpoint, save_checkpoint
+from slimtune.train.checkpoint import (
+    Checkpointable,
+    NonFiniteState,
+    last_good_checkpoint,
+    resume_latest,
+    save_checkpoint,
+)
 from slimtune.train.config import TrainConfig
 from slimtune.train.device import autocast_dtype, model_device
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
@@ -39,7 +45,7 @@ from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
 from slimtune.train.sampler import BatchPlan
-from slimtune.train.state import TrainState
+from slimtune.train.state import LogWindow, TrainState
 
 Row = dict[str, list[int]]
 Batch = dict[str, torch.Tensor]
@@ -104,22 +110,22 @@ class Trainer:
             seed_everything(self.cfg.seed)  # dropout and the rest start from the seed, whatever ran before
         self.output_dir.mkdir(parents=True, exist_ok=True)
         log = self.open_log()
-        window = _Window()
         try:
             with ProgressBar(self.total_steps, self.state.step, self.console, self.show_progress) as bar:
                 for group in self.groups():
-                    window.add(self.train_step(group))
+                    started = time.perf_counter()
+                    self.state.window.add(self.train_step(group), time.perf_counter() - started)
                     if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
-                        self.record(window.row(self.state, self.device), log, bar)
-                        window = _Window()
+                        self.record(self.train_row(), log, bar)
+                        self.state.window = LogWindow()
                     bar.advance_to(self.state.step)
                     if self.cfg.eval_every and self.state.step % self.cfg.eval_every == 0:
                         self.record(self.evaluate(), log, bar)
                     if self.state.step % self.cfg.save_every == 0 and not self.finished():
-                        self.save()
+                        self.save_finite()
                 if self.eval_rows and self.state.last("eval_step") != self.state.step:
                     self.record(self.evaluate(), log, bar)
-                self.save()
+                self.save_finite()
         finally:
             log.close()
         return self.state
@@ -151,7 +157,8 @@ class Trainer:
         """One optimizer step over `group`; loss = sum of token losses / loss tokens in the group."""
         loss_sum_value, n_loss_tokens = self.backward(group)
         if not math.isfinite(loss_sum_value):
-            raise TrainingDiverged(self.diverged_message(loss_sum_value / n_loss_tokens))
+            loss = loss_sum_value / n_loss_tokens
+            raise TrainingDiverged(self.diverged_message(f"loss is {loss} at step {self.state.step + 1}"))
         lr = self.ckpt.optimizer.param_groups[0]["lr"]
         grad_norm = self.optimizer_step()
         self.state.step += 1
@@ -206,11 +213,26 @@ class Trainer:
         """Saved tensors to pinned CPU memory when train.offload_checkpoints (see slimtune.train.offload)."""
         return offload_saved_tensors() if self.cfg.offload_checkpoints else nullcontext()
 
-    def diverged_message(self, loss: float) -> str:
-        last = latest_checkpoint(self.checkpoint_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return (f"loss is {loss} at step {self.state.step + 1}: training diverged and stopped; {kept}. "
+    def diverged_message(self, what: str) -> str:
+        """`what` went wrong, naming the newest checkpoint that verifies and has finite weights."""
+        last = last_good_checkpoint(self.checkpoint_dir)
+        kept = f"the last good checkpoint is {last}" if last else "there is no good checkpoint yet"
+        return (f"{what}: training diverged and stopped; {kept}. "
                 "Try a lower train.lr, train.max_grad_norm, or train.precision bf16/fp32")
+
+    def nonfinite_parameter(self) -> str | None:
+        """Name of a trainable parameter holding NaN or inf (this process's shard of it), or None."""
+        for name, p in trainable_parameters(self.model).items():
+            local = p.to_local() if callable(getattr(p, "to_local", None)) else p
+            if not torch.isfinite(local).all():
+                return name
+        return None
+
+    def train_row(self) -> dict[str, Any]:
+        """The metrics row of the steps in state.window."""
+        s = self.state
+        return {"step": s.step, "epoch": s.epoch, **s.window.averages(), "tokens_seen": s.tokens_seen,
+                "memory_gb": round(memory_gb(self.device), 3)}
 
     # --------------------------------------------------------------------------------- evaluate
     @torch.no_grad()
@@ -244,18 +266,34 @@ class Trainer:
             bar.print(f"early stopping: no better eval loss in {self.cfg.early_stopping_patience} evaluations")
 
     # ------------------------------------------------------------------------------------- save
+    def save_finite(self) -> Path:
+        """Save a checkpoint, unless the weights hold NaN or inf: then stop, naming the last good one."""
+        if (name := self.nonfinite_parameter()) is not None:
+            raise TrainingDiverged(self.diverged_message(f"{name} is NaN or inf after step {self.state.step} "
+                                                         "(not saved)"))
+        try:
+            return self.save()
+        except NonFiniteState as err:
+            raise TrainingDiverged(self.diverged_message(str(err))) from None
+
     def save(self) -> Path:
         return save_checkpoint(self.checkpoint_dir, self.ckpt, self.state, self.cfg.keep_checkpoints)
 
     def resume(self) -> Path:
-        path = latest_checkpoint(self.checkpoint_dir)
-        if path is None:
-            raise ValueError(f"--resume: no complete checkpoint under {self.checkpoint_dir}")
-        self.state = load_checkpoint(path, self.ckpt)
+        """Restore the newest intact checkpoint (saying which newer ones were damaged and set aside)."""
+        writer = not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                      and torch.distributed.get_rank() != 0)
+        resumed = resume_latest(self.checkpoint_dir, self.ckpt, set_aside=writer)
+        for path, why in resumed.rejected:
+            self.console.print(f"[yellow]{why}. Not resuming from it: moved to {path}[/yellow]", soft_wrap=True)
+        if not resumed.verified:
+            self.console.print(f"[yellow]{resumed.path} has no file checksums (manifest format 1): its files "
+                               "were checked for content, not for damage[/yellow]", soft_wrap=True)
+        self.state = resumed.state
         if self.state.data_seed != self.plan.seed:  # the data order stays the one the run started with
             self.plan = dataclasses.replace(self.plan, seed=self.state.data_seed)
-        self.console.print(f"resuming from {path} (step {self.state.step})")
-        return path
+        self.console.print(f"resuming from {resumed.path} (step {self.state.step})", soft_wrap=True)
+        return resumed.path
 
 
 @torch.no_grad()
@@ -312,26 +350,6 @@ def supports_logits_to_keep(model: nn.Module) -> bool:
         return False  # virtual tokens shift every position
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-class _Window:
-    """Sums over the steps since the last metrics row."""
-
-    def __init__(self) -> None:
-        self.loss_sum, self.loss_tokens, self.tokens, self.grad_norm, self.lr = 0.0, 0, 0, 0.0, 0.0
-        self.start = time.perf_counter()
-
-    def add(self, m: dict[str, float]) -> None:
-        self.loss_sum += m["loss_sum"]
-        self.loss_tokens += int(m["loss_tokens"])
-        self.tokens += int(m["tokens"])
-        self.grad_norm, self.lr = m["grad_norm"], m["lr"]
-
-    def row(self, state: TrainState, device: torch.device) -> dict[str, Any]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"step": state.step, "epoch": state.epoch, "loss": self.loss_sum / max(1, self.loss_tokens),
-                "lr": self.lr, "grad_norm": self.grad_norm, "tokens_per_s": self.tokens / elapsed,
-                "tokens_seen": state.tokens_seen, "memory_gb": round(memory_gb(device), 3)}
 
 
 def _input_tokens(batch: Batch) -> int:

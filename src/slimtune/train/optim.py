@@ -45,3 +45,20 @@ def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
     raise ValueError(f"train.scheduler must be linear, cosine or constant; got {kind!r}")
+
+
+def set_schedule_step(scheduler: LambdaLR, step: int) -> None:
+    """Put `scheduler`, and the lr of each of its optimizer's groups, at optimizer step `step`.
+
+    # Note: the schedule of a resumed run
+    A resumed run follows the schedule of the config it is resumed with, as if that config had been
+    the run's from its first step: the lr of step s is lr x lr_factor(s, warmup, total) with this
+    config's lr, warmup, scheduler and total steps. So a run resumed with a longer max_steps trains its
+    first resumed step at the longer schedule's lr for that step (not the old schedule's final lr), and
+    with an unchanged config every lr equals the uninterrupted run's. Steps already taken keep the lr
+    they had. The checkpoint's scheduler state only says how many steps were taken.
+    """
+    scheduler.last_epoch = step
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                   strict=True):
+        group["lr"] = base * factor(step)

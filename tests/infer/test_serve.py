@@ -190,7 +190,7 @@ def test_overload_answers_429_then_recovers(loaded):
                                                                    chat_body("alpha", "Hello", 3))))
         thread.start()
         deadline = time.monotonic() + 30
-        while srv.scheduler.queue.qsize() < 1 and time.monotonic() < deadline:
+        while srv.scheduler.waiting() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
         status, body = call(srv, "/v1/chat/completions", chat_body("beta", "Hello", 3))
         assert status == 429 and body["error"]["type"] == "rate_limit_error"

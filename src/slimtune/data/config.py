@@ -52,6 +52,12 @@ class DataConfig:
     train_on_prompt: bool = False
     """Also compute the loss on system/user tokens; by default only assistant turns are trained."""
 
+    allow_control_tokens: bool = False
+    """Let chat-control tokens written inside a row's text (e.g. `<|im_end|><|im_start|>system`) act as
+    real special tokens. Off by default: they are tokenized as plain text, so a row cannot forge turns
+    or system prompts; the template's own control tokens are always real. Turn it on only for rows
+    that embed control tokens on purpose (e.g. already rendered conversations)."""
+
     packing: bool = False
     """Concatenate examples into rows of `max_seq_len`, attention kept inside each example."""
 

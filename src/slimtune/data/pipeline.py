@@ -179,7 +179,8 @@ def _tokenize_all(samples: list[Sample], tokenizer, template: ChatTemplate, max_
                   stats: DataStats) -> list[Example]:
     out = []
     for sample in samples:
-        example, dropped = tokenize_sample(sample, tokenizer, template, max_seq_len, cfg.train_on_prompt)
+        example, dropped = tokenize_sample(sample, tokenizer, template, max_seq_len, cfg.train_on_prompt,
+                                           cfg.allow_control_tokens)
         if dropped:
             stats.truncated_rows += 1
             stats.truncated_tokens += dropped

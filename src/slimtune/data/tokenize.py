@@ -13,12 +13,17 @@ that rewrites earlier turns (e.g. one that drops past reasoning) fails with a cl
 text is then tokenized once, with offsets, and each token takes the role of the segment its first
 character lies in: tokenization is exactly what inference sees (no seams between segments), even
 where BPE merges across a boundary. Slow tokenizers (no offsets) encode segment by segment.
+
+Control-token strings inside message content (`<|im_end|>` typed by a user) are tokenized as plain
+text unless the caller allows them (data.allow_control_tokens); see the Note in control_tokens.py.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Sequence
 
+from slimtune.data.control_tokens import ContentGuard, ControlTokenError, Span, encode_literal
 from slimtune.data.formats import Sample, Turn
 from slimtune.data.templates import ChatTemplate, render
 
@@ -55,32 +60,34 @@ def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn]) -> 
     return [(text, trained) for text, trained in pieces if text]
 
 
-def tokenize_segments(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt: bool) -> Example:
-    """Token ids and labels for rendered pieces; special tokens come from the text, none are added."""
-    if not getattr(tokenizer, "is_fast", False):
-        return _tokenize_piecewise(tokenizer, pieces, train_on_prompt)
-    text = "".join(piece for piece, _ in pieces)
+def tokenize_segments(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt: bool,
+                      literal_spans: Sequence[Span] = ()) -> Example:
+    """Token ids and labels for rendered pieces; special tokens come from the text, none are added.
+    Control tokens inside `literal_spans` (character ranges of the joined text) are encoded as text."""
     starts, offset = [], 0
     for piece, _ in pieces:
         starts.append(offset)
         offset += len(piece)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoded["input_ids"])
+    ids, token_starts = encode_literal(tokenizer, "".join(piece for piece, _ in pieces), literal_spans, starts)
     labels = []
-    for token_id, (begin, _end) in zip(ids, encoded["offset_mapping"], strict=True):
+    for token_id, begin in zip(ids, token_starts, strict=True):
         trained = pieces[max(bisect_right(starts, begin) - 1, 0)][1]
         labels.append(token_id if trained or train_on_prompt else IGNORE_INDEX)
     return {"input_ids": ids, "labels": labels}
 
 
-def _tokenize_piecewise(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt: bool) -> Example:
-    ids: list[int] = []
-    labels: list[int] = []
-    for piece, trained in pieces:
-        piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-        ids += piece_ids
-        labels += piece_ids if trained or train_on_prompt else [IGNORE_INDEX] * len(piece_ids)
-    return {"input_ids": ids, "labels": labels}
+def tokenize_chat(tokenizer, template: ChatTemplate, messages: list[Turn], train_on_prompt: bool,
+                  allow_control_tokens: bool = False) -> Example:
+    """A conversation -> example with loss masks; control tokens in its content stay text unless allowed."""
+    if allow_control_tokens:
+        return tokenize_segments(tokenizer, render_segments(tokenizer, template, messages), train_on_prompt)
+    guard = ContentGuard(tokenizer, messages)
+    pieces = render_segments(tokenizer, template, guard.messages)
+    if not guard.found:
+        return tokenize_segments(tokenizer, pieces, train_on_prompt)
+    texts, spans = guard.restore([text for text, _ in pieces], render(tokenizer, template, messages))
+    return tokenize_segments(tokenizer, [(text, trained) for text, (_, trained) in zip(texts, pieces, strict=True)],
+                             train_on_prompt, spans)
 
 
 def tokenize_text(tokenizer, text: str) -> Example:
@@ -92,12 +99,16 @@ def tokenize_text(tokenizer, text: str) -> Example:
     return {"input_ids": ids, "labels": list(ids)}
 
 
-def tokenize_sample(sample: Sample, tokenizer, template: ChatTemplate, max_seq_len: int, train_on_prompt: bool = False) -> tuple[Example, int]:
+def tokenize_sample(sample: Sample, tokenizer, template: ChatTemplate, max_seq_len: int, train_on_prompt: bool = False,
+                    allow_control_tokens: bool = False) -> tuple[Example, int]:
     """One sample -> (example truncated to `max_seq_len`, number of tokens cut off)."""
     if sample.text is not None:
         example = tokenize_text(tokenizer, sample.text)
     else:
-        example = tokenize_segments(tokenizer, render_segments(tokenizer, template, sample.messages), train_on_prompt)
+        try:
+            example = tokenize_chat(tokenizer, template, sample.messages, train_on_prompt, allow_control_tokens)
+        except ControlTokenError as err:
+            raise ControlTokenError(f"{sample.where}: {err} (or set data.allow_control_tokens: true)") from None
     dropped = max(len(example["input_ids"]) - max_seq_len, 0)
     if dropped:
         example = {key: values[:max_seq_len] for key, values in example.items()}

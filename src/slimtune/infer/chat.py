@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TextIO
 
-from slimtune.infer.generation import SamplingOptions, encode, generate_ids, render_chat
+from slimtune.data.control_tokens import ControlTokenError
+from slimtune.infer.generation import SamplingOptions, encode_chat, generate_ids
 
 HELP = """commands:
   /adapter            show the active adapter and the loaded ones
@@ -85,7 +86,12 @@ class ChatSession:
     def reply(self, text: str) -> str:
         """Answer one user turn, streaming it to the output; returns the answer."""
         self.history.append({"role": "user", "content": text})
-        answer = self._stream(self.messages())
+        try:
+            answer = self._stream(self.messages())
+        except ControlTokenError as err:  # this line cannot be encoded safely: say so, keep chatting
+            self.history.pop()
+            self._write(f"not sent: {err}\n")
+            return ""
         self.history.append({"role": "assistant", "content": answer})
         return answer
 
@@ -99,7 +105,7 @@ class ChatSession:
         from transformers import TextIteratorStreamer
 
         tokenizer = self.loaded.tokenizer
-        ids = encode(tokenizer, [render_chat(tokenizer, messages)], chat=True)
+        ids = [encode_chat(tokenizer, messages)]  # control tokens typed by the user stay text
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600.0)
         errors: list[BaseException] = []
 

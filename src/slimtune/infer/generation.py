@@ -19,6 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.data.control_tokens import ContentGuard, encode_literal
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""torch.manual_seed's range."""
+
 
 @dataclass
 class SamplingOptions:
@@ -40,6 +45,9 @@ class SamplingOptions:
             raise ValueError(f"temperature={self.temperature!r} must be a number in [0, 100] (0 = greedy)")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [{SEED_MIN}, {SEED_MAX}] (torch's seed range)")
 
     @property
     def greedy(self) -> bool:
@@ -110,6 +118,18 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
         raise ValueError("the tokenizer has no chat template; chat needs one (train with slimtune, whose "
                          "adapter folder saves it, or use a chat model)")
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt ids of a conversation (see render_chat), with control tokens written inside the
+    messages' content tokenized as plain text: a message cannot forge turns. Raises ControlTokenError
+    when a template rewrites content so that such tokens cannot be located."""
+    guard = ContentGuard(tokenizer, messages)
+    text = render_chat(tokenizer, guard.messages)
+    if not guard.found:
+        return encode(tokenizer, [text], chat=True)[0]
+    (text,), spans = guard.restore([text], render_chat(tokenizer, messages))
+    return encode_literal(tokenizer, text, spans)[0]
 
 
 def encode(tokenizer: Any, texts: Sequence[str], chat: bool) -> list[list[int]]:

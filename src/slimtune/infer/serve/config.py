@@ -21,7 +21,12 @@ class ServeConfig:
     allow_public_without_key: bool = False
     """Allow a non-localhost host without api_key (e.g. behind an authenticating proxy)."""
     max_queue: int = 64
-    """Requests waiting for the model; one more is answered 429."""
+    """Requests waiting for the model, whichever adapter they ask for; one more is answered 429."""
+    max_connections: int = 128
+    """Connections served at once (one thread each); one more is answered 429 and closed."""
+    read_timeout_s: float = 30.0
+    """Longest wait for a whole request (request line, headers and body) once a connection is idle, and
+    for a client to take each piece of an answer; slower clients get 408 and are disconnected."""
     max_batch_size: int = 8
     """Most requests generated together in one batch."""
     batch_wait_ms: float = 10.0
@@ -40,8 +45,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port {self.port} must be in 0..65535")
-        for name in ("max_queue", "max_batch_size", "max_body_bytes", "max_prompt_tokens", "max_tokens_limit",
-                     "default_max_tokens"):
+        for name in ("max_queue", "max_connections", "max_batch_size", "max_body_bytes", "max_prompt_tokens",
+                     "max_tokens_limit", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve {name}={getattr(self, name)} must be at least 1")
         if self.default_max_tokens > self.max_tokens_limit:
@@ -49,6 +54,10 @@ class ServeConfig:
                              f"{self.max_tokens_limit}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms={self.batch_wait_ms} must be >= 0")
+        for name in ("read_timeout_s", "request_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"serve {name}={value!r} must be a positive number of seconds")
         if self.api_key is not None and len(self.api_key) < 8:
             raise ValueError("--api-key must be at least 8 characters")
         if not self.is_local and self.api_key is None and not self.allow_public_without_key:

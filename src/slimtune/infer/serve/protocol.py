@@ -16,6 +16,8 @@ from slimtune.infer.generation import SamplingOptions
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+"""A seed is a signed 64-bit integer, as in OpenAI's API."""
 
 
 class APIError(Exception):
@@ -53,10 +55,10 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int, max_tokens_lim
                        "model")
     n = body.get("n", 1)
     if n != 1:
-        raise APIError(400, f"n={n!r} is not supported; only n=1", "n")
+        raise APIError(400, f"n={_short(n)} is not supported; only n=1", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise APIError(400, f"'stream' must be a boolean, got {stream!r}", "stream")
+        raise APIError(400, f"'stream' must be a boolean, got {_short(stream)}", "stream")
     request = ParsedRequest(model, chat, options=_options(body, default_max_tokens, max_tokens_limit),
                             stop=_stop(body.get("stop")), stream=stream)
     if chat:
@@ -71,20 +73,28 @@ def _options(body: dict[str, Any], default_max_tokens: int, limit: int) -> Sampl
     max_tokens = body.get(key)
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= limit:
-        raise APIError(400, f"'{key}' must be an integer in [1, {limit}], got {max_tokens!r}", key)
+        raise APIError(400, f"'{key}' must be an integer in [1, {limit}], got {_short(max_tokens)}", key)
     temperature = body.get("temperature", 1.0)
     if temperature is None:
         temperature = 1.0
     if not _is_number(temperature) or not 0.0 <= temperature <= 2.0:
-        raise APIError(400, f"'temperature' must be a number in [0, 2], got {temperature!r}", "temperature")
+        raise APIError(400, f"'temperature' must be a number in [0, 2], got {_short(temperature)}", "temperature")
     top_p = body.get("top_p", 1.0)
     top_p = 1.0 if top_p is None else top_p
     if not _is_number(top_p) or not 0.0 < top_p <= 1.0:
-        raise APIError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p")
+        raise APIError(400, f"'top_p' must be a number in (0, 1], got {_short(top_p)}", "top_p")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+        raise APIError(400, f"'seed' must be an integer in [{SEED_MIN}, {SEED_MAX}], got {_short(seed)}", "seed")
     return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed)
+
+
+def _short(value: Any) -> str:
+    """repr of a value for an error message, cut so that a huge integer does not flood it."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_number(value: Any) -> bool:

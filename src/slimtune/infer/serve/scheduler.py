@@ -1,9 +1,10 @@
 """The batching scheduler: one thread owns the model and runs waiting requests in batches.
 
-HTTP threads submit Jobs to a bounded queue (full -> Overloaded -> 429). The scheduler takes the
-oldest job, then gathers up to max_batch_size - 1 more with the same batch key (adapter and sampling
+HTTP threads submit Jobs to one waiting list of at most max_queue jobs (full -> Overloaded -> 429);
+every job that is not yet generating counts, whatever its batch key. The scheduler takes the oldest
+job, then gathers up to max_batch_size - 1 more with the same batch key (adapter and sampling
 settings: one `generate` call has one adapter and one sampler) for at most batch_wait; jobs of other
-keys wait their turn, in arrival order. A batch is one left-padded `generate_ids` call; each row keeps
+keys keep their place, in arrival order. A batch is one left-padded `generate_ids` call; each row keeps
 its own max_new_tokens and stops (see generation.RowLimits), so greedy answers are the same tokens a
 single-request run gives. Tokens stream to each job through its event queue as they are generated.
 """
@@ -23,7 +24,7 @@ from slimtune.infer.generation import SamplingOptions, generate_ids
 
 
 class Overloaded(Exception):
-    """The queue is full."""
+    """max_queue jobs are already waiting."""
 
 
 @dataclass
@@ -52,20 +53,30 @@ class Scheduler:
 
     def __init__(self, loaded: Any, max_queue: int, max_batch_size: int, batch_wait_s: float) -> None:
         self.loaded = loaded
+        self.max_queue = max_queue
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self._held: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batch_sizes: list[int] = []
         """Size of every batch run, in order (for tests and logs)."""
 
     def submit(self, job: Job) -> None:
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded from None
+        """Add a job to the waiting list; Overloaded when max_queue jobs already wait."""
+        with self._changed:
+            if len(self._waiting) >= self.max_queue:
+                self._drop_cancelled()
+            if len(self._waiting) >= self.max_queue:
+                raise Overloaded
+            self._waiting.append(job)
+            self._changed.notify_all()
+
+    def waiting(self) -> int:
+        """Jobs submitted and not yet generating (every batch key counts)."""
+        with self._changed:
+            return len(self._waiting)
 
     def start(self) -> None:
         if self._thread is None:
@@ -74,45 +85,45 @@ class Scheduler:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._changed:
+            self._changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
     # ---- the worker -----------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            first = self._next(timeout=0.1)
-            if first is None:
-                continue
-            batch = self._gather(first)
-            self.batch_sizes.append(len(batch))
-            self._run(batch)
+            batch = self._next_batch(timeout=0.1)
+            if batch:
+                self.batch_sizes.append(len(batch))
+                self._run(batch)
 
-    def _next(self, timeout: float) -> Job | None:
-        if self._held:
-            return self._held.popleft()
-        try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def _gather(self, first: Job) -> list[Job]:
-        batch = [first]
-        keep = collections.deque()
-        while self._held and len(batch) < self.max_batch_size:  # older jobs first
-            job = self._held.popleft()
-            (batch if job.key == first.key else keep).append(job)
-        self._held.extendleft(reversed(keep))
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                job = self.queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            (batch if job.key == first.key else self._held).append(job)
+    def _next_batch(self, timeout: float) -> list[Job]:
+        """The oldest job and up to max_batch_size - 1 later ones of its key, waiting at most batch_wait
+        for them; they leave the waiting list together."""
+        with self._changed:
+            self._drop_cancelled()
+            if not self._waiting and not self._changed.wait(timeout):
+                return []
+            self._drop_cancelled()
+            if not self._waiting:
+                return []
+            key = self._waiting[0].key
+            deadline = time.monotonic() + self.batch_wait_s
+            while True:
+                batch = [job for job in self._waiting if job.key == key][: self.max_batch_size]
+                remaining = deadline - time.monotonic()
+                if len(batch) >= self.max_batch_size or remaining <= 0 or self._stop.is_set():
+                    break
+                self._changed.wait(remaining)
+            chosen = {id(job) for job in batch}
+            self._waiting = collections.deque(job for job in self._waiting if id(job) not in chosen)
         return [job for job in batch if not job.cancelled.is_set()]
+
+    def _drop_cancelled(self) -> None:
+        """Forget waiting jobs whose client has gone (caller holds the lock)."""
+        if any(job.cancelled.is_set() for job in self._waiting):
+            self._waiting = collections.deque(job for job in self._waiting if not job.cancelled.is_set())
 
     def _run(self, batch: list[Job]) -> None:
         if not batch:

@@ -1,10 +1,12 @@
-"""The HTTP side: routes, auth, limits, JSON and server-sent events (stdlib ThreadingHTTPServer).
+"""The API side: routes, auth, limits, JSON and server-sent events (on transport.BoundedHTTPServer).
 
 Routes: GET /v1/models, GET /health, POST /v1/chat/completions, POST /v1/completions.
 Order of checks for a POST: auth (401) -> Content-Length present (411) and within max_body_bytes (413,
-the body is never read) -> JSON (400) -> fields (400) -> model known (404) -> prompt length (400)
--> queue has room (429). The `model` field is only ever a key into the adapters given at start-up:
-no path from a request is opened.
+the body is never read) -> the whole body within read_timeout_s (408) -> JSON (400) -> fields (400)
+-> model known (404) -> prompt length (400) -> queue has room (429). The `model` field is only ever a
+key into the adapters given at start-up: no path from a request is opened. Chat messages are encoded
+with their content's control tokens as plain text (see slimtune.data.control_tokens): a user cannot
+forge turns.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import json
 import queue
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from slimtune.infer.generation import encode, render_chat
+from slimtune.data.control_tokens import ControlTokenError
+from slimtune.infer.generation import encode, encode_chat
 from slimtune.infer.serve.config import ServeConfig
 from slimtune.infer.serve.protocol import (
     APIError,
@@ -29,6 +31,7 @@ from slimtune.infer.serve.protocol import (
     parse_request,
 )
 from slimtune.infer.serve.scheduler import Job, Overloaded, Scheduler
+from slimtune.infer.serve.transport import BoundedHTTPServer, JSONRequestHandler
 
 ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}
 
@@ -42,9 +45,10 @@ class Server:
         self.scheduler = Scheduler(loaded, self.config.max_queue, self.config.max_batch_size,
                                    self.config.batch_wait_ms / 1000.0)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
-        self.httpd = ThreadingHTTPServer((self.config.host, self.config.port), _handler_class(self))
-        self.httpd.daemon_threads = True
+        self.httpd = BoundedHTTPServer((self.config.host, self.config.port), _handler_class(self),
+                                       self.config.max_connections)
         self._thread: threading.Thread | None = None
+        self._serving = False
         if start_scheduler:
             self.scheduler.start()
 
@@ -60,6 +64,7 @@ class Server:
         return [self.loaded.base_name, *self.loaded.adapters]
 
     def serve_forever(self) -> None:
+        self._serving = True
         try:
             self.httpd.serve_forever()
         finally:
@@ -67,12 +72,15 @@ class Server:
 
     def start(self) -> Server:
         """Serve from a background thread (tests, notebooks)."""
+        self._serving = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="slimtune-http", daemon=True)
         self._thread.start()
         return self
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        if self._serving:  # shutdown() waits for serve_forever, which must have started
+            self._serving = False
+            self.httpd.shutdown()
         self.httpd.server_close()
         self.scheduler.stop()
 
@@ -91,12 +99,13 @@ class Server:
         with self._tokenizer_lock:
             if request.chat:
                 try:
-                    text = render_chat(tokenizer, request.messages)
+                    ids = encode_chat(tokenizer, request.messages)
+                except ControlTokenError as err:
+                    raise APIError(400, str(err), "messages") from None
                 except Exception as err:  # a template rejecting the conversation (e.g. role order)
                     raise APIError(400, f"the chat template cannot render these messages: {err}", "messages") from None
             else:
-                text = request.prompt
-            ids = encode(tokenizer, [text], chat=request.chat)[0]
+                ids = encode(tokenizer, [request.prompt], chat=False)[0]
         limit = self.config.max_prompt_tokens
         context = getattr(getattr(self.loaded.model, "config", None), "max_position_embeddings", None)
         if not ids:
@@ -126,33 +135,31 @@ class Server:
                            "invalid_api_key")
 
 
-def _handler_class(server: Server) -> type[BaseHTTPRequestHandler]:
+def _handler_class(server: Server) -> type[_Handler]:
     class Handler(_Handler):
         app = server
+        read_timeout_s = server.config.read_timeout_s
 
     return Handler
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(JSONRequestHandler):
     app: Server
-    server_version = "slimtune"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        pass  # quiet by default; the CLI prints a line per request itself
 
     # ---- GET ------------------------------------------------------------------------------------
     def do_GET(self) -> None:
+        self.request_read()
         try:
             if self.path == "/health":
-                self._json(200, {"status": "ok"})
+                self.send_json(200, {"status": "ok"})
                 return
             self.app.check_auth(self.headers.get("Authorization"))
             if self.path == "/v1/models":
-                self._json(200, models_body(self.app.model_names(), self.app.loaded.base_name))
+                self.send_json(200, models_body(self.app.model_names(), self.app.loaded.base_name))
                 return
             raise APIError(404, f"no route GET {self.path}", code="not_found")
         except APIError as err:
-            self._json(err.status, err.body())
+            self.send_json(err.status, err.body())
 
     # ---- POST -----------------------------------------------------------------------------------
     def do_POST(self) -> None:
@@ -167,10 +174,13 @@ class _Handler(BaseHTTPRequestHandler):
             job = self.app.make_job(request)
             self.app.submit(job)
         except APIError as err:
-            self._json(err.status, err.body())
+            self.close_connection = self.close_connection or err.status in (408, 411, 413)
+            self.send_json(err.status, err.body())
             return
+        except (TimeoutError, ConnectionError):
+            raise  # the transport answers 408 or drops the connection of a client that left
         except Exception as err:  # a bug must still answer JSON, never drop the connection with a traceback
-            self._json(500, APIError(500, f"internal error: {type(err).__name__}", kind="server_error").body())
+            self.send_json(500, APIError(500, f"internal error: {type(err).__name__}", kind="server_error").body())
             return
         if request.stream:
             self._stream(job, request, len(job.prompt_ids))
@@ -183,10 +193,13 @@ class _Handler(BaseHTTPRequestHandler):
             raise APIError(411, "a Content-Length header (a decimal byte count) is required; chunked bodies are "
                            "not accepted")
         if len(length) > 15 or int(length) > self.app.config.max_body_bytes:  # int() of 4300+ digits raises
-            self.close_connection = True  # the body stays unread
             raise APIError(413, f"request body of {length} bytes exceeds the limit of "
                            f"{self.app.config.max_body_bytes} bytes", code="request_too_large")
         raw = self.rfile.read(int(length))
+        self.request_read()
+        if len(raw) < int(length):
+            raise APIError(400, f"the body ended after {len(raw)} of the {length} bytes of its Content-Length",
+                           code="incomplete_body")
         try:
             return json.loads(raw)
         except RecursionError:
@@ -201,16 +214,16 @@ class _Handler(BaseHTTPRequestHandler):
                 kind, payload = job.events.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 job.cancelled.set()
-                self._json(503, APIError(503, "timed out waiting for the model", code="timeout",
-                                         kind="server_error").body())
+                self.send_json(503, APIError(503, "timed out waiting for the model", code="timeout",
+                                             kind="server_error").body())
                 return
             if kind == "error":
-                self._json(500, APIError(500, payload, kind="server_error").body())
+                self.send_json(500, APIError(500, payload, kind="server_error").body())
                 return
             if kind == "done":
                 text, finish, tokens = payload
-                self._json(200, completion_body(new_id(request.chat), request.model, request.chat, text, finish,
-                                                prompt_tokens, tokens))
+                self.send_json(200, completion_body(new_id(request.chat), request.model, request.chat, text, finish,
+                                                    prompt_tokens, tokens))
                 return
 
     def _stream(self, job: Job, request: ParsedRequest, prompt_tokens: int) -> None:
@@ -222,9 +235,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         first = True
+        deadline = time.monotonic() + self.app.config.request_timeout_s
         try:
             while True:
-                kind, payload = job.events.get(timeout=self.app.config.request_timeout_s)
+                kind, payload = job.events.get(timeout=max(0.0, deadline - time.monotonic()))
                 if kind == "delta":
                     self._event(chunk_body(rid, request.model, request.chat, payload, None, first))
                     first = False
@@ -236,19 +250,9 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, queue.Empty):
-            job.cancelled.set()  # the client left (or we gave up): stop generating its row
+        except (ConnectionError, TimeoutError, queue.Empty):
+            job.cancelled.set()  # the client left, stopped reading, or we gave up: stop generating its row
 
     def _event(self, body: dict[str, Any]) -> None:
         self.wfile.write(b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
         self.wfile.flush()
-
-    def _json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, ensure_ascii=False).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(data)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from slimtune.cli.demo import clear_previous_demo, held_out_prompts, run_demo
 from slimtune.cli.main import app
+from slimtune.train.run_folder import RUN_MARKER
 
 
 def test_demo_trains_and_shows_before_after(tmp_path: Path, tiny_model_dir: Path,
@@ -27,16 +28,17 @@ def test_demo_trains_and_shows_before_after(tmp_path: Path, tiny_model_dir: Path
     before, after = map(float, match.groups())
     assert after < before
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
-    # a second demo into the same folder replaces the first run
+    # a second demo into the same folder replaces the first run: only the new run's marker is left
     clear_previous_demo(tmp_path / "demo", Console(file=log))
-    assert "replacing the earlier run" in log.getvalue() and not (tmp_path / "demo").exists()
+    assert "replacing the earlier demo run" in log.getvalue()
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == [RUN_MARKER]
 
 
 def test_demo_refuses_a_foreign_folder(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     result = CliRunner().invoke(app, ["demo", "--output-dir", str(tmp_path), "--steps", "1"])
     assert result.exit_code == 2
-    assert "is not empty and holds no earlier run" in result.output
+    assert "is not empty and holds no earlier demo run" in " ".join(result.output.split())
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 

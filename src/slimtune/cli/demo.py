@@ -66,13 +66,27 @@ def run_demo(steps: int, output_dir: Path, console: Console, model_path: Path | 
 
 
 def clear_previous_demo(output_dir: Path, console: Console) -> None:
-    """Remove an earlier run in `output_dir` (it has config.yaml); refuse any other non-empty folder."""
-    if not output_dir.exists() or not any(output_dir.iterdir()):
-        return
-    if not (output_dir / "config.yaml").is_file():
-        raise ValueError(f"--output-dir {output_dir} is not empty and holds no earlier run; choose another folder")
-    console.print(f"replacing the earlier run in {output_dir}")
-    shutil.rmtree(output_dir)
+    """Remove an earlier demo run in `output_dir`, then claim it for this one.
+
+    Only a folder whose run marker says `demo` is removed (Note: run folder ownership, train/run_folder.py);
+    a `slimtune train` run or any other non-empty folder is refused untouched.
+    """
+    from slimtune.train.run_folder import RUN_MARKER, claim_run_folder, is_empty_or_missing, marker_command
+
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder; choose a new or empty folder")
+    if not is_empty_or_missing(output_dir):
+        command = marker_command(output_dir)
+        if command == "train":
+            raise ValueError(f"--output-dir {output_dir} holds a `slimtune train` run; the demo replaces only an "
+                             "earlier demo run: choose another --output-dir")
+        if command != "demo":
+            raise ValueError(f"--output-dir {output_dir} is not empty and holds no earlier demo run (no "
+                             f"{RUN_MARKER}); the demo writes only into a new or empty folder or replaces its own "
+                             "earlier run, so it leaves this one alone: choose another --output-dir")
+        console.print(f"replacing the earlier demo run in {output_dir}")
+        shutil.rmtree(output_dir)
+    claim_run_folder(output_dir, "demo")
 
 
 def shipped_eval_file() -> Path:

@@ -5,6 +5,7 @@
   adapter/           PEFT adapter + tokenizer     (model/ instead, for method full)
   metrics.jsonl      one row per logged step      tensorboard/          the same, for TensorBoard
   loss.png           loss and lr by step          README.md             model card
+  .slimtune-run.json marks the folder as a run folder slimtune may rewrite (train/run_folder.py)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from slimtune.train.loop import Trainer
 from slimtune.train.methods import build_peft_config, load_base_model, method_spec, prepare_model
 from slimtune.train.rng import seed_everything
 from slimtune.train.run_config import RunConfig
+from slimtune.train.run_folder import check_run_folder, claim_run_folder
 from slimtune.train.sampler import BatchPlan
 from slimtune.train.state import TrainState
 
@@ -76,9 +78,10 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     describe_run(console, cfg, data, model, device, total_steps)
     if resume:
         report_config_changes(out / "config.yaml", cfg, console)
-    out.mkdir(parents=True, exist_ok=True)
     if is_main():
+        claim_run_folder(out, "train")
         cfg.save(out / "config.yaml")
+    out.mkdir(parents=True, exist_ok=True)
 
     mask_dtype = autocast_dtype(cfg.train.precision, device) or torch.float32
     collate = SFTCollator(tokenizer.pad_token_id, packed_attention=cfg.data.packed_attention, mask_dtype=mask_dtype)
@@ -111,6 +114,8 @@ def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: An
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse a folder slimtune did not create (Note: run folder ownership), and checkpoints without --resume."""
+    check_run_folder(out, "output_dir")
     last = latest_checkpoint(out / "checkpoints")
     if last is not None and not resume:
         raise ValueError(f"output_dir {out} already holds checkpoints ({last.name}): pass --resume to continue "

@@ -127,8 +127,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
     # The GGUF loader records a quantizer; the weights are already dequantized, and saving them
     # with that record would make later loads look for GGUF again.
     model.hf_quantizer = None
@@ -154,3 +154,27 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     (out_dir / DONE_MARKER).write_text(f"converted from {gguf_path}\n", encoding="utf-8")
+
+
+def refuse_remote_tokenizer(source: str | os.PathLike) -> None:
+    """Raise ValueError if the local folder `source` asks for its own tokenizer code (an `auto_map` entry
+    in tokenizer_config.json).
+
+    Every from_pretrained passes trust_remote_code=False, so that code never runs; transformers would
+    then quietly build its own class named in `tokenizer_class`, which need not tokenize as the folder's
+    author meant. Saying so is clearer than training on a tokenizer nobody asked for.
+    """
+    import json
+
+    file = Path(source) / "tokenizer_config.json"
+    if not file.is_file():
+        return
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable file itself
+    auto_map = data.get("auto_map") if isinstance(data, dict) else None
+    if auto_map:
+        raise ValueError(f"{file}: auto_map {auto_map!r} asks to run tokenizer code shipped in the folder; slimtune "
+                         "never runs code from a model folder. Use a model whose tokenizer transformers implements "
+                         "(its tokenizer_class), or remove auto_map from the file to use that class")

@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import textwrap
@@ -108,13 +109,17 @@ def _from_pretrained_calls() -> list[tuple[str, int, ast.Call]]:
     return calls
 
 
-def test_no_from_pretrained_call_turns_on_remote_code() -> None:
-    calls = _from_pretrained_calls()
-    assert len(calls) >= 8
+OURS = {"PeftModel", "PeftConfig", "cls"}
+"""Receivers of from_pretrained that are slimtune's own (adapter folders: no code to run)."""
+
+
+def test_every_from_pretrained_call_passes_trust_remote_code_false() -> None:
+    calls = [c for c in _from_pretrained_calls() if ast.unparse(c[2].func.value) not in OURS]
+    assert len(calls) >= 11
     for file, line, call in calls:
-        for kw in call.keywords:
-            assert not (kw.arg == "trust_remote_code" and not (isinstance(kw.value, ast.Constant)
-                                                              and kw.value.value is False)), f"{file}:{line}"
+        flags = [kw.value for kw in call.keywords if kw.arg == "trust_remote_code"]
+        assert len(flags) == 1 and isinstance(flags[0], ast.Constant) and flags[0].value is False, \
+            f"{file}:{line}: {ast.unparse(call)} does not pass trust_remote_code=False"
     assert "trust_remote_code=True" not in "".join(p.read_text() for p in SRC.rglob("*.py"))
 
 
@@ -145,6 +150,80 @@ def test_a_model_asking_for_remote_code_does_not_run_it(tmp_path: Path, chat, ti
     with pytest.raises(Exception):  # noqa: B017
         load_model(train_dir, compute_dtype=torch.float32, device="cpu")
     assert not marker.exists()
+
+
+def _remote_code_tokenizer(folder: Path, base: Path, marker: Path, tokenizer_class: str | None) -> Path:
+    """A model folder whose tokenizer_config.json maps AutoTokenizer to planted code that creates `marker`."""
+    shutil.copytree(base, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", "evil.EvilTokenizer"]}
+    if tokenizer_class is not None:
+        config["tokenizer_class"] = tokenizer_class
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    return folder
+
+
+def _on_a_terminal(argv: list[str], answer: bytes = b"y\n", timeout: float = 120) -> tuple[int, str]:
+    """Run `argv` with stdin, stdout and stderr on a pseudo-terminal, typing `answer` at every prompt."""
+    import pty
+    import select
+    import subprocess
+    import time
+
+    from reliability_tools import ROOT, cli_env
+
+    main, child = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=child, stdout=child, stderr=child, env=cli_env(), cwd=str(ROOT),
+                            close_fds=True)
+    os.close(child)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(main, 4096)
+                except OSError:  # the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if b"[y/N]" in chunk or b"y/N" in chunk:
+                    os.write(main, answer)
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(main)
+    return code, re.sub(r"\x1b\[[0-9;]*m", "", out.decode(errors="replace"))  # without the colours
+
+
+@pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "EvilTokenizer", None])
+@pytest.mark.parametrize("command", ["train", "data-inspect", "chat"])
+def test_planted_tokenizer_code_never_runs_on_a_terminal(tmp_path: Path, tiny_model_dir: Path, tiny_rows: Path,
+                                                         tokenizer_class: str | None, command: str) -> None:
+    """transformers asks "run the custom code? [y/N]" on a terminal when trust_remote_code is not passed; a
+    `y` would run it. Every call passes False, and the folder is refused with one line naming auto_map."""
+    import sys
+
+    from reliability_tools import FAULT_STATS, write_run_config
+
+    marker = tmp_path / "pwned"
+    model = _remote_code_tokenizer(tmp_path / "model", tiny_model_dir, marker, tokenizer_class)
+    config = write_run_config(tmp_path, model, tiny_rows, tmp_path / "run", max_steps=1)
+    args = {"train": ["train", str(config), "--no-progress"], "data-inspect": ["data", "inspect", str(config)],
+            "chat": ["chat", "--model", str(model)]}[command]
+    code, output = _on_a_terminal([sys.executable, "-m", "slimtune", *args])
+    assert not marker.exists(), output
+    assert code == 2, output
+    assert "Traceback" not in output and "[y/N]" not in output, output
+    assert "tokenizer_config.json: auto_map" in output and "never runs code from a model folder" in output, output
+    FAULT_STATS["remote_code_on_a_terminal_refused"] = int(FAULT_STATS.get("remote_code_on_a_terminal_refused",
+                                                                           0)) + 1
 
 
 # ---- the server ------------------------------------------------------------------------------------------------------

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimtune.models import refuse_remote_tokenizer
+
 OUTTYPES = ("f16", "q8_0", "f32")
 """GGUF tensor types we write for 2-D weights."""
 
@@ -59,7 +61,8 @@ def export_gguf(model_dir: str | os.PathLike, output: str | os.PathLike, outtype
     config = _read_config(folder)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    refuse_remote_tokenizer(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp-{out.name}")

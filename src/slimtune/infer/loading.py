@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.models import resolve_model
+from slimtune.models import refuse_remote_tokenizer, resolve_model
 
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4")
 """`--quantization` values: auto (4-bit only for a QLoRA run's adapter), none, nf4, fp4."""
@@ -134,8 +134,9 @@ def _load_tokenizer(model: str, adapter_dirs: list[Path]) -> tuple[Any, str]:
     from transformers import AutoTokenizer
 
     source = next((str(d) for d in adapter_dirs if (d / "tokenizer_config.json").is_file()), model)
+    refuse_remote_tokenizer(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load a tokenizer from {source!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
@@ -172,7 +173,8 @@ def _load_base(model: str, quant: str, dtype: torch.dtype, device: torch.device)
         from transformers import AutoModelForCausalLM
 
         # use_safetensors: a folder holding only pytorch_model.bin is refused, never unpickled
-        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True).to(device)
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True,
+                                                    trust_remote_code=False).to(device)
     except OSError as err:
         raise ValueError(f"--model {model!r}: cannot load it ({str(err).splitlines()[0]})") from None
 
@@ -183,7 +185,7 @@ def _load_generation_config(model: nn.Module, source: str) -> None:
         return
     from transformers import GenerationConfig
 
-    model.generation_config = GenerationConfig.from_pretrained(source)
+    model.generation_config = GenerationConfig.from_pretrained(source, trust_remote_code=False)
 
 
 def _stop_ids(model: nn.Module, tokenizer: Any) -> list[int]:

@@ -131,7 +131,7 @@ def _save(model: nn.Module, loaded: Any, out: Path, report: MergeReport) -> None
     model.config.dtype = _compute_dtype(model)
     model.save_pretrained(tmp, safe_serialization=True)
     # a fresh copy: the loaded one pads on the left for generation
-    AutoTokenizer.from_pretrained(loaded.tokenizer_source).save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(loaded.tokenizer_source, trust_remote_code=False).save_pretrained(tmp)
     (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2) + "\n", encoding="utf-8")
     if out.exists():
         out.rmdir()  # checked empty above

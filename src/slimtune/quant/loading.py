@@ -63,14 +63,17 @@ def load_model(
         skip_modules: linear layers kept unquantized, by full name or last name component.
         load_in_4bit, quantization_config: the transformers/bitsandbytes spelling of the same
             settings (a dict or BitsAndBytesConfig); its keys override the arguments above.
-        **kwargs: passed to AutoConfig (e.g. trust_remote_code, revision); `dtype`/`torch_dtype`
-            are read as compute_dtype.
+        **kwargs: `revision` goes to AutoConfig, `attn_implementation` to the model; `dtype`/`torch_dtype`
+            are read as compute_dtype. A true trust_remote_code is refused: no code from a model folder runs.
     """
     for key in ("dtype", "torch_dtype"):
         if key in kwargs and kwargs[key] not in (None, "auto"):
             compute_dtype = parse_dtype(kwargs.pop(key), key)
         kwargs.pop(key, None)
     kwargs.pop("device_map", None)  # one device; the placement is `device`
+    if kwargs.pop("trust_remote_code", False):
+        raise ValueError("trust_remote_code is refused: slimtune never runs code shipped with a model; load models whose "
+                         "architecture transformers implements")
     options = resolve_options(
         quantization, double_quant, compute_dtype, blocksize, skip_modules, load_in_4bit, quantization_config
     )
@@ -80,7 +83,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=options.compute_dtype, **_model_kwargs(kwargs))
+        model = AutoModelForCausalLM.from_config(config, dtype=options.compute_dtype, trust_remote_code=False,
+                                                 **_model_kwargs(kwargs))
     quantize = {} if options.quant_type is None and not prequantized else _linear_targets(model, options)
     _Loader(model, options, target, quantize, prequantized).run(_iter_checkpoint(folder))
     update_quantization_config(model)
@@ -93,7 +97,7 @@ def _default_device() -> torch.device:
 
 
 def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "attn_implementation")}
+    return {k: v for k, v in kwargs.items() if k == "attn_implementation"}
 
 
 def _resolve_folder(path_or_name: str, kwargs: dict[str, Any]) -> str:
@@ -102,7 +106,7 @@ def _resolve_folder(path_or_name: str, kwargs: dict[str, Any]) -> str:
     from huggingface_hub import snapshot_download  # lazy: only for hub names
 
     hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-    return snapshot_download(path_or_name, allow_patterns=["*.json", "*.safetensors", "*.py"], **hub_kwargs)
+    return snapshot_download(path_or_name, allow_patterns=["*.json", "*.safetensors"], **hub_kwargs)
 
 
 def _read_config(folder: str, kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -112,8 +116,8 @@ def _read_config(folder: str, kwargs: dict[str, Any]) -> tuple[Any, bool]:
     """
     from transformers import AutoConfig
 
-    config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "revision")}
-    config = AutoConfig.from_pretrained(folder, **config_kwargs)
+    config_kwargs = {k: v for k, v in kwargs.items() if k == "revision"}
+    config = AutoConfig.from_pretrained(folder, **config_kwargs, trust_remote_code=False)
     qc = getattr(config, "quantization_config", None)
     prequantized = False
     if qc is not None:

@@ -129,7 +129,8 @@ def load_base_model(path: str, method: str, dtype: torch.dtype, quant: Any, devi
                           device=device)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)  # nothing unpickled
+    # nothing unpickled, no code from the folder run
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
 
 
 def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_checkpointing: bool) -> nn.Module:

@@ -22,7 +22,7 @@ from rich.console import Console
 from torch import nn
 
 from slimtune.kernels.llama_fused import fast_modules
-from slimtune.models import resolve_model
+from slimtune.models import refuse_remote_tokenizer, resolve_model
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
 from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
@@ -129,8 +129,9 @@ def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model(model)
+    refuse_remote_tokenizer(path)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"model: cannot load a tokenizer from {path!r} ({_first_line(err)})") from None
 

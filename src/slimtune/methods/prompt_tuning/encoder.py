@@ -21,7 +21,7 @@ def _init_token_ids(config: PromptTuningConfig, vocab_size: int) -> list[int]:
     from transformers import AutoTokenizer  # TEXT init only
 
     kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs, trust_remote_code=False)
     ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     if not ids:
         raise ValueError(f"prompt_tuning_init_text={config.prompt_tuning_init_text!r} gives no tokens with "

@@ -82,6 +82,11 @@ def check_and_match(file_sd: dict[str, torch.Tensor], expected: dict[str, torch.
                 f"{source}: tensor {key} has shape {tuple(tensor.shape)} but the model expects "
                 f"{tuple(expected[key].shape)}; the adapter does not fit this base model"
             )
+        if expected[key].is_floating_point() and not tensor.is_floating_point():
+            raise ValueError(f"{source}: tensor {key} has dtype {tensor.dtype}; adapter weights are floating point "
+                             f"(the model holds {expected[key].dtype})")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{source}: tensor {key} holds NaN or inf values; an adapter's weights must be finite")
 
 
 def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = None,

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+from slimtune.config_checks import FieldTypeError, check_fields
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -61,6 +63,7 @@ _PEFT_FIELDS_AT_DEFAULT: dict[str, Any] = {
     "ensure_weight_tying": False, "trainable_token_indices": None,
 }
 _METADATA_FIELDS = {"auto_mapping", "peft_version", "runtime_config"}
+_USER_ERRORS = (ValueError, TypeError, FieldTypeError)
 
 
 @dataclasses.dataclass
@@ -80,6 +83,7 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
+        check_fields(self)  # types, finite numbers, patterns: before any method's own checks
 
     # ---- (de)serialization in PEFT's schema -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +127,11 @@ class PeftConfig:
                 raise ValueError(
                     f"{source}: unknown field {key!r} for {cls.__name__}; allowed: {', '.join(sorted(known))}"
                 )
-        return cls(**kwargs)
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as err:
+            kind = type(err) if type(err) in _USER_ERRORS else ValueError  # subclasses may take other arguments
+            raise kind(f"{source}: {err}") from None
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write adapter_config.json into save_directory (atomically: write, then rename)."""

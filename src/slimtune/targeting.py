@@ -5,6 +5,14 @@ The rules are PEFT's, so a config means the same thing here and in peft:
 - a string is a regular expression that must match the full module name;
 - "all-linear" takes every linear layer except the model's output head;
 - layers_to_transform keeps modules whose name holds "<layers_pattern>.<index>." with a listed index.
+
+# Note: bounded patterns
+Patterns come from adapter_config.json files of any origin, and Python's `re` backtracks without limit:
+`([a-z_.0-9]+)+!` against one module name runs for hours. A pattern must compile with `re` (the engine
+peft uses, so a file means the same in both) and is matched with the `regex` module, which has the same
+syntax for these patterns, avoids most catastrophic backtracking on its own, and stops any match after
+PATTERN_TIMEOUT_S. A pattern that times out is refused with a ValueError naming its field; so is one
+`re` cannot compile, or one longer than MAX_PATTERN_CHARS (module names are short; a pattern peft needs is too).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+import regex
 from torch import nn
 
 LINEAR_TYPE_NAMES = ("Linear", "Conv1D", "Linear4bit")
@@ -25,9 +34,39 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in LINEAR_TYPE_NAMES
 
 
-def _matches(name: str, targets: str | Sequence[str]) -> bool:
+PATTERN_TIMEOUT_S = 0.5
+"""Longest time one pattern may take to match one module name (Note: bounded patterns)."""
+MAX_PATTERN_CHARS = 2000
+
+
+def check_pattern(pattern: object, field: str) -> None:
+    """Raise ValueError unless `pattern` is a regex `re` compiles, of at most MAX_PATTERN_CHARS characters."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"{field}={pattern!r} must be a string (a regular expression)")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"{field}: a pattern of {len(pattern)} characters is too long; at most {MAX_PATTERN_CHARS}")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ValueError(f"{field}={pattern!r} is not a valid regular expression ({err})") from None
+
+
+def pattern_fullmatch(pattern: str, name: str, field: str) -> bool:
+    """Whether `pattern` matches all of `name`, within PATTERN_TIMEOUT_S (Note: bounded patterns)."""
+    check_pattern(pattern, field)
+    try:
+        return regex.fullmatch(pattern, name, timeout=PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        raise ValueError(f"{field}={pattern!r} takes over {PATTERN_TIMEOUT_S} s to match the module name {name!r} "
+                         "(nested repetition or backreferences); use a list of module names or a simpler "
+                         "pattern") from None
+    except regex.error as err:
+        raise ValueError(f"{field}={pattern!r} is not a valid regular expression ({err})") from None
+
+
+def _matches(name: str, targets: str | Sequence[str], field: str) -> bool:
     if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
+        return pattern_fullmatch(targets, name, field)
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -72,9 +111,9 @@ def find_targets(
             layer = module._modules.get("base_layer", module)  # an adapter wrapper counts as its base layer
             if not is_linear_like(layer) or name in heads:
                 continue
-        elif not _matches(name, target_modules):
+        elif not _matches(name, target_modules, "target_modules"):
             continue
-        if exclude_modules and _matches(name, exclude_modules):
+        if exclude_modules and _matches(name, exclude_modules, "exclude_modules"):
             continue
         if layers is not None and layer_index(name, layers_pattern) not in layers:
             continue

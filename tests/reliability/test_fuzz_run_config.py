@@ -154,3 +154,76 @@ def test_deeply_nested_yaml_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("a: " + "[" * 2000)
     with pytest.raises(ValueError, match="YAML"):
         load_run_config(path)
+
+
+# ---- strict YAML and values that poison a run (Note: strict YAML, slimtune/strict_yaml.py) --------------------------
+def _laughs(levels: int) -> str:
+    """Nested anchors: each level lists the previous one 9 times (9**levels strings once expanded)."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "model: /m\n" + "\n".join(lines) + "\n"
+
+
+YAML_ATTACKS = {
+    "billion laughs": (_laughs(9), "anchor &a0 is not allowed"),
+    "alias only": ("model: &m /m\noutput_dir: *m\n", "anchor &m is not allowed"),
+    "merge key": ("base: &b {lr: 1}\ntrain:\n  <<: *b\n", "anchor &b is not allowed"),
+    "duplicate key": ("model: /m\ntrain:\n  lr: 1.0e-3\n  lr: 1.0e-2\n", "line 4, column 3: key 'lr' is given twice"),
+    "duplicate section": ("model: /m\ntrain: {lr: 1.0e-3}\ntrain: {seed: 3}\n", "line 3, column 1: key 'train' is given"),
+    "duplicate top key": ("model: /a\nmodel: /b\n", "key 'model' is given twice"),
+    "weight_decay nan": ("model: /m\ntrain: {weight_decay: .nan}\n", "train.weight_decay must be a finite number"),
+    "weight_decay inf": ("model: /m\ntrain: {weight_decay: .inf}\n", "train.weight_decay must be a finite number"),
+    "warmup_ratio nan": ("model: /m\ntrain: {warmup_ratio: .nan}\n", "train.warmup_ratio must be a finite number"),
+    "eval_split nan": ("model: /m\ndata: {eval_split: .nan}\n", "data.eval_split must be a finite number"),
+    "adam_betas inf": ("model: /m\ntrain: {adam_betas: [.inf, 0.9]}\n", "train.adam_betas[0] must be a finite"),
+    "lora_alpha inf": ("model: /m\npeft: {lora_alpha: .inf}\n", "peft.lora_alpha=inf must be a finite number"),
+    "lora_dropout nan": ("model: /m\npeft: {lora_dropout: .nan}\n", "peft.lora_dropout=nan must be a finite"),
+    "string boolean": ("model: /m\npeft: {use_rslora: 'false'}\n", "peft.use_rslora='false' must be true or false"),
+    "catastrophic regex": ("model: /m\npeft: {target_modules: '([a-z_.0-9]+)+!'}\n", None),
+    "invalid regex": ("model: /m\npeft: {target_modules: '(q_proj'}\n", "peft.target_modules='(q_proj' is not a valid"),
+    "invalid pattern key": ("model: /m\npeft: {rank_pattern: {'[': 4}}\n", "peft.rank_pattern key='[' is not a valid"),
+    "seed 1e23": ("model: /m\ntrain: {seed: 1.0e+23}\n", "train.seed must be an integer"),
+    "seed -1": ("model: /m\ntrain: {seed: -1}\n", "train.seed must be an integer in [0, 2**63 - 1]"),
+    "seed 2**64": ("model: /m\ntrain: {seed: 18446744073709551616}\n", "train.seed must be an integer in [0, 2**63"),
+    "empty target_modules": ("model: /m\npeft: {target_modules: []}\n", "peft.target_modules is empty"),
+    "data name ../..": ("model: /m\ndata: {path: 'slimtune:../../etc'}\n", "data.path='slimtune:../../etc'"),
+    "data eval name ..": ("model: /m\ndata: {path: r.jsonl, eval_path: 'slimtune:..'}\n", "data.eval_path='slimtune:.."),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(YAML_ATTACKS))
+def test_run_yaml_attacks_are_one_clear_error(tmp_path: Path, attack: str) -> None:
+    text, message = YAML_ATTACKS[attack]
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    count("run_yaml_attacks")
+    with time_limit(10):
+        if message is None:  # a pattern that is bounded, not refused: it loads, and matching it cannot hang
+            load_run_config(path)
+            return
+        with pytest.raises(ValueError) as err:
+            load_run_config(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text, text
+    assert len(text) < 600, "the message must not print an expanded value"
+
+
+def test_invalid_utf8_names_the_file_and_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"model: /m\ntrain:\n  lr: 1.0e-3 # caf\xe9\n")
+    with pytest.raises(ValueError, match=rf"^{path}: not UTF-8 text: byte 0xe9 at byte offset 35 \(line 3\)"):
+        load_run_config(path)
+
+
+def test_yaml_attacks_through_the_cli_stop_before_the_model_loads(tmp_path: Path) -> None:
+    """`model: /nonexistent` would fail when the model loads: each error here must come first."""
+    from slimtune.cli.main import app
+
+    for name in ("billion laughs", "duplicate section", "seed -1", "weight_decay nan", "string boolean"):
+        path = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        path.write_text(YAML_ATTACKS[name][0].replace("/m\n", "/nonexistent/model\n", 1))
+        with time_limit(30):
+            result = CliRunner().invoke(app, ["train", str(path), "--no-progress"])
+        output = " ".join(result.output.split())
+        assert result.exit_code == 2 and output.startswith("error:") and "Traceback" not in result.output, output
+        assert "nonexistent/model" not in output.split(":", 2)[-1] or "cannot load" not in output, output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,21 @@ class RawRow:
     error: RowError | None = None
 
 
+BUILTIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+"""A shipped dataset's name: one folder under slimtune/assets, never a path."""
+
+
+def check_builtin_name(path: str, key: str = "data.path") -> None:
+    """ValueError unless a `slimtune:<name>` value names a shipped dataset by a plain name (never `../..`)."""
+    name = path[len(BUILTIN_PREFIX):]
+    if path.startswith(BUILTIN_PREFIX) and not BUILTIN_NAME.fullmatch(name):
+        raise ValueError(f"{key}={path!r}: a shipped dataset's name is letters, digits, '_' and '-' (e.g. "
+                         f"{BUILTIN_PREFIX}wordnet_instruct), never a path")
+
+
 def builtin_dataset_files(path: str) -> tuple[Path, Path | None]:
     """`slimtune:<name>` -> (train file, eval file or None) shipped in slimtune/assets/<name>/."""
+    check_builtin_name(path)
     name = path[len(BUILTIN_PREFIX) :]
     folder = ASSETS_DIR / name
     train = folder / "train.jsonl"

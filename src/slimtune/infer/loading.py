@@ -156,9 +156,12 @@ def _resolve_quantization(quantization: str, adapter_dirs: list[Path]) -> str:
     for folder in adapter_dirs:
         run_config = folder.parent / "config.yaml"
         if run_config.is_file():
-            import yaml
+            from slimtune.strict_yaml import load_yaml
 
-            raw = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+            raw = load_yaml(run_config) or {}  # beside an adapter from anywhere (Note: strict YAML)
+            if not isinstance(raw, dict):
+                raise ValueError(f"{run_config}: expected the run config of the adapter's run (a mapping); "
+                                 f"got a {type(raw).__name__}; pass --quantization to skip reading it")
             if raw.get("method") == "qlora":
                 return str((raw.get("quant") or {}).get("type", "nf4"))
     return "none"

@@ -94,6 +94,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("train.warmup_steps and train.warmup_ratio are exclusive: set only one")
+        if not 0 <= self.seed < 2**63:  # torch, numpy and the sampler all take it
+            raise ValueError(f"train.seed must be an integer in [0, 2**63 - 1], got {self.seed!r}")
         if self.weight_decay < 0:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.config_checks import check_values
 from slimtune.kernels.llama_fused import enable_fast_path
 from slimtune.train.schema import check_keys
 
@@ -100,6 +101,7 @@ def check_peft_section(method: str, peft: dict[str, Any]) -> None:
     except MethodUnavailable:
         return  # checked when the run starts, once the method exists
     check_keys(peft, config_fields(cls), "peft")
+    check_values(cls, peft, "peft.")  # types, finite numbers, patterns: before anything loads
     for key, value in spec.forced.items():
         if key in peft and peft[key] != value:
             raise ValueError(f"peft.{key}: method '{method}' needs {key}={value!r}; got {peft[key]!r}")

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.console import Console
 from torch import nn
 
 from slimtune.kernels.llama_fused import fast_modules
 from slimtune.models import refuse_remote_tokenizer, resolve_model
+from slimtune.strict_yaml import load_yaml
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
 from slimtune.train.device import autocast_dtype, resolve_device, resolve_precision, weights_dtype
@@ -182,7 +182,7 @@ def describe_run(console: Console, cfg: RunConfig, data: Any, model: nn.Module, 
 def report_config_changes(saved: Path, cfg: RunConfig, console: Console) -> None:
     if not saved.is_file():
         return
-    changes = _diff(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict())
+    changes = _diff(load_yaml(saved) or {}, cfg.to_dict())
     if changes:
         console.print(f"[yellow]resuming with a changed config: {', '.join(changes)}[/yellow]")
 

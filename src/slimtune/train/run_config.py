@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from slimtune.models import DEFAULT_MODEL, check_model_name
+from slimtune.strict_yaml import load_yaml, load_yaml_text
 from slimtune.train.config import TrainConfig
 from slimtune.train.methods import METHODS, check_peft_section, method_spec
 from slimtune.train.schema import check_keys, coerce, from_mapping, to_plain
@@ -62,6 +63,11 @@ class RunConfig:
             raise ValueError("'output_dir' must be a folder path")
         check_keys([self.method], METHODS, "method")
         check_peft_section(self.method, self.peft)
+        from slimtune.data.loading import check_builtin_name
+
+        for key in ("path", "eval_path"):
+            if isinstance(value := getattr(self.data, key, None), str):
+                check_builtin_name(value, f"data.{key}")
         if self.quant != QuantConfig() and not method_spec(self.method).quantized:
             raise ValueError(f"section 'quant' is used by method 'qlora' only; method is '{self.method}'")
 
@@ -97,12 +103,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid YAML: nested too deeply") from None
+    raw = load_yaml(path) or {}  # UTF-8, no anchors or aliases, no duplicate keys (Note: strict YAML)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run config must be a YAML mapping of sections (model, method, peft, data, "
                          f"train, output_dir), got a {type(raw).__name__}")
@@ -133,8 +134,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 def _yaml_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return load_yaml_text(text, "override")
+    except ValueError:  # not YAML (or an alias such as `*x`): the text itself
         return text
 
 

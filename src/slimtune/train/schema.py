@@ -7,8 +7,11 @@ string: a float field accepts it), and then calls the constructor so `__post_ini
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
+import sys
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -92,13 +95,17 @@ def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = value
+        elif isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            # NaN and inf pass every range check (`nan < 0` is False) and poison the first step
+            if isinstance(number, int) and abs(number) > sys.float_info.max or not math.isfinite(number):
+                raise ValueError(f"{key} must be a finite number; got {value!r}")
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -3,8 +3,6 @@ Learning"): learned vectors rescale attention keys/values and feedforward inputs
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from slimtune.methods._common import adapter_placement, wrap_linear
@@ -12,7 +10,7 @@ from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.ia3.layer import IA3Layer, IA3Vector
 from slimtune.quant.linear4bit import Linear4bit
 from slimtune.registry import MethodSpec
-from slimtune.targeting import default_targets, find_targets
+from slimtune.targeting import default_targets, find_targets, pattern_fullmatch
 
 __all__ = ["IA3Config", "IA3Layer", "METHOD"]
 
@@ -45,7 +43,7 @@ def is_feedforward(config: IA3Config, module_name: str) -> bool:
     """peft's rule: a regex must match the full name; a list entry matches when the name ends with it."""
     ff = config.feedforward_modules or []
     if isinstance(ff, str):
-        return re.fullmatch(ff, module_name) is not None
+        return pattern_fullmatch(ff, module_name, "feedforward_modules")
     return any(module_name.endswith(key) for key in ff)
 
 

@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from slimtune.config import PeftConfig, PeftType
 from slimtune.methods._common import check_alpha_dropout_bias
+from slimtune.targeting import check_pattern, pattern_fullmatch
 
 INIT_CHOICES = "True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'"
 
@@ -75,8 +76,9 @@ class LoraConfig(PeftConfig):
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """(r, alpha) for one module, after rank_pattern / alpha_pattern."""
-        r = self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name)) else self.r
-        alpha = self.alpha_pattern[key] if (key := _pattern_key(self.alpha_pattern, module_name)) else self.lora_alpha
+        r = self.rank_pattern[key] if (key := _pattern_key(self.rank_pattern, module_name, "rank_pattern")) else self.r
+        alpha = (self.alpha_pattern[key] if (key := _pattern_key(self.alpha_pattern, module_name, "alpha_pattern"))
+                 else self.lora_alpha)
         return r, alpha
 
 
@@ -94,9 +96,11 @@ def _pissa_iters(init: object) -> int | None:
     return None
 
 
-def _pattern_key(patterns: dict, name: str) -> str | None:
-    """PEFT's rule: a pattern key applies when it matches the end of the module name."""
+def _pattern_key(patterns: dict, name: str, field: str) -> str | None:
+    """PEFT's rule: a pattern key applies when it matches the end of the module name (Note: bounded patterns,
+    targeting.py)."""
     for key in patterns:
-        if re.fullmatch(rf"(.*\.)?({key})", name):
+        check_pattern(key, f"{field} key")
+        if pattern_fullmatch(rf"(.*\.)?({key})", name, f"{field} key {key!r}"):
             return key
     return None

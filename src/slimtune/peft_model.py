@@ -394,7 +394,8 @@ class PeftModel(nn.Module):
         config = config or PeftConfig.from_pretrained(directory)
         _refuse_trainable_prompt(config, is_trainable)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
+        with adapter_errors(directory / adapter_io.CONFIG_NAME):
+            peft_model = cls(model, config, adapter_name, autocast_adapter_dtype)
         peft_model._load_weights(directory, adapter_name)
         return peft_model if is_trainable else peft_model.eval()
 
@@ -405,7 +406,8 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(directory)
         _refuse_trainable_prompt(config, is_trainable)
         config = dataclasses.replace(config, inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, config)
+        with adapter_errors(directory / adapter_io.CONFIG_NAME):
+            self.add_adapter(adapter_name, config)
         self._load_weights(directory, adapter_name)
 
     def _load_weights(self, directory: Path, adapter_name: str) -> None:
@@ -466,3 +468,20 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
     forwards are a separate opt-in, `slimtune.enable_fast_path(model)`.
     """
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+@contextlib.contextmanager
+def adapter_errors(source: str | os.PathLike) -> Iterator[None]:
+    """Name `source` (the adapter config) in the errors of building an adapter from it, and turn a failed
+    allocation (an `r` or `num_virtual_tokens` far too large) into a ValueError instead of a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if str(source) in str(err):
+            raise
+        raise ValueError(f"{source}: {err}") from None
+    except RuntimeError as err:  # torch.OutOfMemoryError is one; CPU allocators raise plain RuntimeErrors
+        if not isinstance(err, torch.OutOfMemoryError) and "allocat" not in str(err):
+            raise
+        raise ValueError(f"{source}: the adapter does not fit in memory ({str(err).strip().splitlines()[0]}); "
+                         "lower r (or num_virtual_tokens)") from None

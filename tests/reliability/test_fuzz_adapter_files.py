@@ -219,3 +219,73 @@ def test_fuzz_bnb_4bit_checkpoint(tmp_path_factory: pytest.TempPathFactory, bnb_
     with torch.no_grad():
         out = model(input_ids=torch.tensor([[1, 5, 9, 7]])).logits
     assert out.shape == (1, 4, 320) and torch.isfinite(out).all()
+
+
+# ---- hostile adapter folders: patterns that would hang, values that poison (Note: bounded patterns) ----------------
+CATASTROPHIC = "([a-z_.0-9]+)+!"
+BACKREF = r"(.*)(.*)(.*)(.*)(.*)(.*)(.*)\7\6q"  # slow even for `regex`: its time limit answers
+ADAPTER_ATTACKS = {
+    "target_modules catastrophic": ({"target_modules": CATASTROPHIC}, "matched no module"),
+    "target_modules backreferences": ({"target_modules": BACKREF}, "takes over"),
+    "exclude_modules catastrophic": ({"exclude_modules": CATASTROPHIC}, None),
+    "rank_pattern catastrophic": ({"rank_pattern": {CATASTROPHIC: 2}}, None),
+    "alpha_pattern backreferences": ({"alpha_pattern": {BACKREF: 2.0}}, "takes over"),
+    "layers_pattern catastrophic": ({"layers_to_transform": [0], "layers_pattern": CATASTROPHIC}, "matched no"),
+    "target_modules invalid": ({"target_modules": "(q_proj"}, "target_modules='(q_proj' is not a valid regular"),
+    "rank_pattern invalid": ({"rank_pattern": {"q_proj[": 2}}, "rank_pattern key='q_proj[' is not a valid"),
+    "alpha_pattern invalid": ({"alpha_pattern": {"*": 2.0}}, "alpha_pattern key='*' is not a valid"),
+    "string boolean": ({"use_rslora": "false"}, "use_rslora='false' must be true or false; got a string"),
+    "string integer": ({"r": "4"}, "r='4' must be an integer; got a string"),
+    "alpha Infinity": ({"lora_alpha": float("inf")}, "lora_alpha=inf must be a finite number"),
+    "dropout NaN": ({"lora_dropout": float("nan")}, "lora_dropout=nan must be a finite number"),
+    "alpha_pattern NaN": ({"alpha_pattern": {"q_proj": float("nan")}}, "must be a finite number"),
+    "target_modules empty": ({"target_modules": []}, "target_modules is empty"),
+    "modules_to_save mistyped": ({"modules_to_save": "lm_head"}, "modules_to_save='lm_head' must be"),
+    "layers_to_transform mistyped": ({"layers_to_transform": ["0"]}, "layers_to_transform=['0'] must be"),
+    "r too large to allocate": ({"r": 10**13}, "the adapter does not fit in memory"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(ADAPTER_ATTACKS))
+def test_hostile_adapter_config_is_bounded_and_named(tmp_path: Path, attack: str) -> None:
+    """Loading onto a tiny Llama ends within seconds, in an adapter or one line naming the file and field."""
+    from slimtune import PeftModel, get_peft_model
+    from tiny_models import TINY_MODELS
+
+    fields, message = ADAPTER_ATTACKS[attack]
+    good = get_peft_model(TINY_MODELS["llama"].model(), PeftConfig.from_dict({**LORA, "inference_mode": False}))
+    good.save_pretrained(str(tmp_path / "adapter"))
+    file = tmp_path / "adapter" / CONFIG_NAME
+    file.write_text(json.dumps({**json.loads(file.read_text()), **fields}))
+    count("hostile_adapter_configs")
+    try:
+        with time_limit(20):
+            model = PeftModel.from_pretrained(TINY_MODELS["llama"].model(), tmp_path / "adapter")
+    except (ValueError, TypeError) as err:
+        text = str(err)
+        assert message is not None and message in text, text
+        assert "\n" not in text and str(file) in text, text
+        return
+    assert message is None, f"accepted: {attack}"
+    assert model.peft_config["default"].to_dict()["rank_pattern"] == fields.get("rank_pattern", {})
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int64", "int8", "bool"])
+def test_adapter_tensors_that_are_not_finite_floats_are_refused(tmp_path: Path, bad: str) -> None:
+    from safetensors.torch import load_file
+
+    from slimtune import PeftModel, get_peft_model
+    from tiny_models import TINY_MODELS
+
+    good = get_peft_model(TINY_MODELS["llama"].model(), PeftConfig.from_dict({**LORA, "inference_mode": False}))
+    good.save_pretrained(str(tmp_path / "adapter"))
+    weights = load_file(str(tmp_path / "adapter" / WEIGHTS_NAME))
+    key = sorted(weights)[0]
+    if bad in ("nan", "inf"):
+        weights[key][0, 0] = float(bad)
+    else:
+        weights[key] = weights[key].to(getattr(torch, bad))
+    save_file(weights, str(tmp_path / "adapter" / WEIGHTS_NAME))
+    count("hostile_adapter_tensors")
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}.*tensor {key} (holds NaN or inf|has dtype)"):
+        PeftModel.from_pretrained(TINY_MODELS["llama"].model(), tmp_path / "adapter")

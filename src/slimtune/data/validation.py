@@ -7,6 +7,7 @@ found and what is allowed, so a user can open the file at the right place and fi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
@@ -44,7 +45,13 @@ def check_text(value: object, where: str, field_name: str, allow_empty: bool = F
         raise RowError(where, field_name, f"expected a string, got {type(value).__name__} {_short(value)}")
     if not allow_empty and not value.strip():
         raise RowError(where, field_name, "is empty; a non-empty string is required")
+    if (found := _LONE_SURROGATE.search(value)) is not None:  # JSON's "\ud800" decodes to one; no tokenizer takes it
+        raise RowError(where, field_name, f"holds a lone surrogate U+{ord(found.group()):04X} at character "
+                                          f"{found.start()}; text must be valid Unicode")
     return value
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def validate_conversation(messages: list[dict[str, str]], where: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from slimtune.models import refuse_remote_tokenizer, resolve_model
@@ -178,7 +179,7 @@ def _load_base(model: str, quant: str, dtype: torch.dtype, device: torch.device)
         # use_safetensors: a folder holding only pytorch_model.bin is refused, never unpickled
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype, use_safetensors=True,
                                                     trust_remote_code=False).to(device)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # SafetensorError: a truncated download, for one
         raise ValueError(f"--model {model!r}: cannot load it ({str(err).splitlines()[0]})") from None
 
 

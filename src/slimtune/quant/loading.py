@@ -149,12 +149,11 @@ def _linear_targets(model: nn.Module, options: QuantOptions) -> dict[str, nn.Lin
 
 def _iter_checkpoint(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (key, cpu tensor) one at a time over all safetensors shards of `folder`."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = _index_shards(index)
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         shards = ["model.safetensors"]
     else:
@@ -162,9 +161,32 @@ def _iter_checkpoint(folder: str) -> Iterator[tuple[str, torch.Tensor]]:
             f"{folder}: no model.safetensors or model.safetensors.index.json (only safetensors is read)"
         )
     for shard in shards:
-        with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield key, f.get_tensor(key)
+        path = os.path.join(folder, shard)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as err:  # a truncated download, a missing shard
+            raise ValueError(f"{path}: not a readable safetensors file ({err}); download it again") from None
+
+
+def _index_shards(index: str) -> list[str]:
+    """The shard files a model.safetensors.index.json names: plain file names inside its folder, nothing else."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"{index}: not valid JSON ({err})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: expected an object with a non-empty 'weight_map' of tensor name -> shard file")
+    shards = sorted({v if isinstance(v, str) else repr(v) for v in weight_map.values()})
+    for shard in shards:
+        if os.path.basename(shard) != shard or shard in ("", ".", "..") \
+                or not shard.endswith(".safetensors"):
+            raise ValueError(f"{index}: shard {shard!r} is not a .safetensors file name inside the model folder; "
+                             "shard paths may not leave it")
+    return shards
 
 
 class _Loader:

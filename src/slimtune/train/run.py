@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +20,12 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from safetensors import SafetensorError
 from torch import nn
 
 from slimtune.kernels.llama_fused import fast_modules
 from slimtune.models import refuse_remote_tokenizer, resolve_model
+from slimtune.peft_model import adapter_errors
 from slimtune.strict_yaml import load_yaml
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
@@ -143,12 +147,13 @@ def build_model(cfg: RunConfig, device: torch.device, vocab_size: int | None, to
     path = resolve_model(cfg.model)
     try:
         model = load_base_model(path, cfg.method, dtype, cfg.quant, device)
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # SafetensorError: a truncated download, for one
         raise ValueError(f"model: cannot load {cfg.model!r} ({_first_line(err)})") from None
     if vocab_size is not None and vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab_size)
     model.to(device)
-    return prepare_model(model, cfg.method, peft_config, cfg.train.gradient_checkpointing)
+    with adapter_errors("peft"):  # an r or num_virtual_tokens too large to allocate: one line, not a traceback
+        return prepare_model(model, cfg.method, peft_config, cfg.train.gradient_checkpointing)
 
 
 def batch_plan(cfg: RunConfig, rows: list[dict[str, list[int]]]) -> BatchPlan:
@@ -201,8 +206,10 @@ def save_atomically(target: Path, write: Any) -> None:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-    except (OSError, RuntimeError) as err:
-        failure = write_failure(err, tmp, str(target), latest_checkpoint(target.parent / "checkpoints"))
+    except Exception as err:  # noqa: BLE001 - narrowed just below
+        if not isinstance(err, OSError | RuntimeError) and type(err) is not Exception:
+            raise
+        failure = write_failure(_as_os_error(err), tmp, str(target), latest_checkpoint(target.parent / "checkpoints"))
         shutil.rmtree(tmp, ignore_errors=True)
         raise failure from err
     old = target.with_name(f".old-{target.name}")
@@ -210,6 +217,15 @@ def save_atomically(target: Path, write: Any) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _as_os_error(err: Exception) -> Exception:
+    """The tokenizers library's writer raises a bare Exception ("No space left on device (os error 28)"):
+    as an OSError with that errno, so write_failure and the CLI treat it as the I/O error it is."""
+    if type(err) is not Exception:
+        return err
+    found = re.search(r"os error (\d+)", str(err))
+    return OSError(int(found.group(1)) if found else errno.EIO, _first_line(err))
 
 
 def _first_line(err: BaseException) -> str:

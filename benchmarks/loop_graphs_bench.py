@@ -1,4 +1,4 @@
-"""`slimtune train`'s loop with train.cuda_graphs false and auto (the default; train/graph_steps.py), same data and seed.
+"""`slimtune train`'s loop with train.cuda_graphs false and auto (the default; train/cuda_graphs.py), same data and seed.
 
     python benchmarks/loop_graphs_bench.py --assets .gpu_assets/smollm2-135m
 

@@ -16,9 +16,10 @@ from collections import defaultdict
 
 import torch
 
+from slimtune.bench.graphed_step import graphed_step
 from slimtune.bench.models import PRESETS, build_llama, slimtune_quantizer
 from slimtune.bench.run import WORKLOADS
-from slimtune.bench.training import _slimtune_loss, _wrap_slimtune, graphed_step
+from slimtune.bench.training import slimtune_loss, wrap_slimtune
 
 MiB = 2**20
 KEEP = ("slimtune", "transformers", "checkpoint.py")
@@ -63,19 +64,19 @@ def main() -> None:
     args = p.parse_args()
     work, dev = WORKLOADS[args.workload], torch.device("cuda")
     quantizer = slimtune_quantizer if work.quantized else None
-    model = _wrap_slimtune(build_llama(work.preset, dev, torch.bfloat16, quantizer, seed=0,
+    model = wrap_slimtune(build_llama(work.preset, dev, torch.bfloat16, quantizer, seed=0,
                                        max_positions=args.seq_len)).train()
     trainable = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, args.seq_len), device=dev)
 
     def step() -> None:
-        _slimtune_loss(model, ids).backward()
+        slimtune_loss(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     if args.graph:  # two eager warmup calls; the recorded third call captures, then replays
-        step, graphed = graphed_step(model, lambda: _slimtune_loss(model, ids), opt)
+        step, graphed = graphed_step(model, lambda: slimtune_loss(model, ids), opt)
     for _ in range(2):
         step()
     torch.cuda.synchronize()

@@ -115,7 +115,7 @@ def parameter_counts(model: Any) -> tuple[int, int]:
 
 
 def held_out(model: Any, data: Any, collate: Any, batch: int) -> float:
-    from slimtune.train.loop import evaluation_loss
+    from slimtune.train.forward import evaluation_loss
 
     return evaluation_loss(model, data.eval, collate, batch)[0]  # what Trainer.evaluate computes
 

@@ -5,7 +5,7 @@
 Prints the step times with Python's garbage collector on and off (a host-side stall shows up as a
 spread between steps), then, for two profiled steps, GPU busy time against wall time (the rest is the
 GPU waiting for the host) and the top CUDA kernels by total time. --graph profiles the CUDA-graph step
-(train/graphs.py) instead: the kernels inside the replayed graph.
+(bench/graphed_step.py) instead: the kernels inside the replayed graph.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import statistics
 
 import torch
 
+from slimtune.bench.graphed_step import graphed_step
 from slimtune.bench.models import PRESETS, build_llama, slimtune_quantizer
 from slimtune.bench.run import WORKLOADS
-from slimtune.bench.training import _slimtune_loss, _wrap_slimtune, graphed_step, time_steps
+from slimtune.bench.training import slimtune_loss, time_steps, wrap_slimtune
 
 
 def main() -> None:
@@ -26,23 +27,23 @@ def main() -> None:
     p.add_argument("--workload", default="8b-qlora-b1", choices=sorted(WORKLOADS))
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--graph", action="store_true", help="profile the CUDA-graph step (train/graphs.py)")
+    p.add_argument("--graph", action="store_true", help="profile the CUDA-graph step (bench/graphed_step.py)")
     args = p.parse_args()
     work = WORKLOADS[args.workload]
     dev = torch.device("cuda")
     quantizer = slimtune_quantizer if work.quantized else None
-    model = _wrap_slimtune(build_llama(work.preset, dev, torch.bfloat16, quantizer, seed=0,
+    model = wrap_slimtune(build_llama(work.preset, dev, torch.bfloat16, quantizer, seed=0,
                                        max_positions=args.seq_len)).train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, args.seq_len), device=dev)
 
     def step() -> None:
-        _slimtune_loss(model, ids).backward()
+        slimtune_loss(model, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     if args.graph:
-        step, graphed = graphed_step(model, lambda: _slimtune_loss(model, ids), opt)
+        step, graphed = graphed_step(model, lambda: slimtune_loss(model, ids), opt)
 
     time_steps(step, 3, dev)
     on = time_steps(step, args.steps, dev)

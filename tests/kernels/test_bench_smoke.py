@@ -101,7 +101,7 @@ def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
     from slimtune.bench.run import GRAPH_NOCKPT
 
     calls: dict[int, int] = {}
-    real = training._wrap_slimtune
+    real = training.wrap_slimtune
 
     def counting(model, checkpointing=True):
         wrapped = real(model, checkpointing)
@@ -111,9 +111,9 @@ def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
         inner.register_forward_hook(lambda *_: calls.__setitem__(key, calls[key] + 1))
         return wrapped
 
-    monkeypatch.setattr(training, "_wrap_slimtune", counting)
+    monkeypatch.setattr(training, "wrap_slimtune", counting)
     peft_wraps: dict[str, list[bool]] = {}  # per baseline row: was gradient checkpointing on in each layer
-    real_peft = training._wrap_peft
+    real_peft = training.wrap_peft
 
     def peft_spy(model, quantized, kbit=False, checkpointing=True):
         wrapped = real_peft(model, quantized, kbit, checkpointing)
@@ -121,7 +121,7 @@ def test_graph_nockpt_row_trains_without_recompute(monkeypatch):
         peft_wraps[name] = [layer.gradient_checkpointing for layer in model.model.layers]
         return wrapped
 
-    monkeypatch.setattr(training, "_wrap_peft", peft_spy)
+    monkeypatch.setattr(training, "wrap_peft", peft_spy)
     report = run_bench(["tiny-lora-b2"], device="cpu", seq_len=16, warmup=1, steps=2, verbose=False,
                        baseline=True, graph_no_checkpoint=True)
     assert [r.library for r in report.rows] == ["slimtune", "peft", GRAPH_NOCKPT, "peft-nockpt"]

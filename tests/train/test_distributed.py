@@ -186,3 +186,65 @@ def test_fsdp2_run_stopped_at_step_2_resumes_on_two_or_one_ranks(runs: Runs, nam
     assert sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+
+ADALORA = {"init_r": 4, "target_r": 2, "tinit": 0, "tfinal": 0, "total_step": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+def _adalora_trainer_args(tmp_path: Path, method: str, peft: dict[str, Any]) -> tuple[Any, ...]:
+    from tiny_run import build_llama, pad_collate, random_rows
+
+    from slimtune.train.config import TrainConfig
+    from slimtune.train.methods import build_peft_config, prepare_model
+
+    model = prepare_model(build_llama(None), method, build_peft_config(method, peft), gradient_checkpointing=False)
+    cfg = TrainConfig(batch_size=2, max_steps=4, log_every=1, tensorboard=False)
+    return model, cfg, random_rows(4), None, pad_collate, tmp_path
+
+
+def test_fsdp2_refuses_adalora_before_sharding(tmp_path: Path) -> None:
+    """AdaLoRA's rank allocator reads whole gradients after each step; FSDP2 shards them: refused up front, naming
+    the method and the way out (before any collective, so no process group is needed here)."""
+    from slimtune.train.distributed import DistributedTrainer, per_step_methods
+
+    model, *rest = _adalora_trainer_args(tmp_path, "adalora", ADALORA)
+    assert per_step_methods(model) == ["adalora"]
+    with pytest.raises(ValueError, match=r"fsdp2 does not take method 'adalora'.*train.distributed: ddp"):
+        DistributedTrainer(model, *rest, strategy="fsdp2")
+    lora, *_ = _adalora_trainer_args(tmp_path, "lora", {"r": 4, "target_modules": ["q_proj"]})
+    assert per_step_methods(lora) == []
+
+
+def test_optimizer_step_clips_through_the_hook_and_keeps_the_method_bookkeeping(tmp_path: Path) -> None:
+    """A trainer that overrides clip_grad_norm (as the FSDP2 one does) still runs AdaLoRA's allocator each step."""
+    from slimtune.train.loop import Trainer
+
+    norms: list[float] = []
+
+    class Recording(Trainer):
+        def clip_grad_norm(self) -> float:
+            norms.append(super().clip_grad_norm())
+            return norms[-1]
+
+    trainer = Recording(*_adalora_trainer_args(tmp_path, "adalora", ADALORA), progress=False)
+    trainer.fit()
+    history = [row["grad_norm"] for row in trainer.state.history if "grad_norm" in row]
+    assert len(norms) == 4 and history == pytest.approx(norms) and all(n > 0 for n in norms)
+    config = trainer.model.peft_config["default"]
+    assert config.rank_pattern, "the allocator never ran: no rank pattern"
+    kept = sum(sum(bool(x) for x in mask) for mask in config.rank_pattern.values())
+    assert kept == 2 * len(config.rank_pattern)  # the final budget: target_r per adapter on average
+
+
+def test_fsdp2_adalora_run_is_refused_with_one_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`slimtune train` under torchrun with method adalora and train.distributed: fsdp2 stops before step 1."""
+    config = write_config(tmp_path, tiny_model_dir, "ada-fsdp", "adalora", distributed="fsdp2")
+    raw = yaml.safe_load(config.read_text())
+    raw["peft"] = ADALORA
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cmd = torchrun_command(2, ["train", str(config), "--no-progress"])
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0  # each rank prints the one-line error (torchrun then reports the failed ranks)
+    assert "error: train.distributed: fsdp2 does not take method 'adalora'" in done.stderr
+    assert not (tmp_path / "ada-fsdp" / "checkpoints").exists()

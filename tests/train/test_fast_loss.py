@@ -15,7 +15,8 @@ from tiny_run import build_llama, pad_collate, random_rows
 
 from slimtune.kernels import set_fast_path
 from slimtune.train.config import TrainConfig
-from slimtune.train.loop import Trainer, forward_loss, supports_logits_to_keep
+from slimtune.train.forward import forward_loss, supports_logits_to_keep
+from slimtune.train.loop import Trainer
 from slimtune.train.loss import loss_head
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.rng import seed_everything

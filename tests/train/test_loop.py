@@ -12,7 +12,8 @@ from tiny_run import build_llama, pad_collate, random_rows
 
 from slimtune.train.checkpoint import latest_checkpoint, list_checkpoints
 from slimtune.train.config import TrainConfig
-from slimtune.train.loop import Trainer, TrainingDiverged, forward_loss, supports_logits_to_keep
+from slimtune.train.forward import forward_loss, supports_logits_to_keep
+from slimtune.train.loop import Trainer, TrainingDiverged
 from slimtune.train.loss import loss_positions
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.optim import lr_factor

@@ -89,7 +89,7 @@ def test_cuda_offload_side_stream_gives_identical_grads() -> None:
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from slimtune.bench.models import PROJECTIONS
     from slimtune.bench.models import build_llama as build_bench_llama
-    from slimtune.bench.training import _slimtune_loss
+    from slimtune.bench.training import slimtune_loss
 
     model = build_bench_llama("tiny", "cuda", torch.bfloat16, seed=0)
     prepare_model_for_kbit_training(model)
@@ -103,7 +103,7 @@ def test_cuda_offload_side_stream_gives_identical_grads() -> None:
     for on, pageable in ((False, None), (True, None), (True, 0), (False, None), (True, None), (True, 1 << 17)):
         saving = offload.offload_saved_tensors(min_bytes=0, pageable_bytes=pageable)
         with saving if on else nullcontext(offload.OffloadStats()) as stats:
-            loss = _slimtune_loss(model, ids)
+            loss = slimtune_loss(model, ids)
         loss.backward()
         runs.append((on, stats.tensors, [p.grad.clone() for p in params]))
         for p in params:

@@ -118,7 +118,7 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
         kbit_baseline: for 4-bit workloads also a row "peft+bnb-kbit": the QLoRA tutorial recipe, with
             peft's prepare_model_for_kbit_training (fp32 upcast of norms, embeddings and head).
         cuda_graph: also a row "st-graph": slimtune with forward + backward replayed as a CUDA graph
-            (train/graphs.py), measured in the same rounds.
+            (bench/graphed_step.py), measured in the same rounds.
         graph_no_checkpoint: also a row "st-graph-nockpt": st-graph without gradient checkpointing (no
             recompute, every layer's activations kept), the default of `slimtune train`, and (with the
             baseline) a "peft-nockpt" / "peft+bnb-nockpt" row without it either, to compare like with like.

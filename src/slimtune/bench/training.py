@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slimtune.bench.graphed_step import graphed_step
 from slimtune.bench.models import PRESETS, PROJECTIONS, bnb_quantizer, build_llama, slimtune_quantizer
 from slimtune.train.offload import offload_saved_tensors
 
-__all__ = ["Workload", "Measurement", "measure", "KBIT"]
+__all__ = ["KBIT", "Measurement", "Workload", "measure", "peft_loss", "slimtune_loss", "time_steps", "wrap_peft",
+           "wrap_slimtune"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ def _memory(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def _wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
+def wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
+    """slimtune's side: LoRA r=16 alpha=16 on the seven projections, fast path on (as `slimtune train`)."""
     from slimtune import LoraConfig, enable_fast_path, get_peft_model, prepare_model_for_kbit_training
 
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
@@ -72,7 +75,8 @@ def _wrap_slimtune(model: nn.Module, checkpointing: bool = True) -> nn.Module:
 KBIT = "peft+bnb-kbit"
 
 
-def _wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False, checkpointing: bool = True) -> nn.Module:
+def wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False, checkpointing: bool = True) -> nn.Module:
+    """The baseline: peft's LoRA with the same settings; kbit=True runs the tutorial's kbit preparation first."""
     import peft
 
     model.is_loaded_in_4bit = quantized  # what transformers sets; peft dispatches bnb layers on it
@@ -86,7 +90,8 @@ def _wrap_peft(model: nn.Module, quantized: bool, kbit: bool = False, checkpoint
                                                       target_modules=list(PROJECTIONS)))
 
 
-def _slimtune_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def slimtune_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of ids (B, T) from the last hidden state (chunked LM-head cross-entropy)."""
     from slimtune.kernels import chunked_linear_cross_entropy
 
     base = model.get_base_model()
@@ -96,7 +101,8 @@ def _slimtune_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
-def _peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def peft_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss as peft users compute it: model(input_ids, labels=...)."""
     return model(input_ids=ids, labels=ids).loss
 
 
@@ -108,7 +114,7 @@ def measure(work: Workload, library: str, device: torch.device, dtype: torch.dty
     offload=True (slimtune only) runs each forward under offload_saved_tensors(): the checkpointed
     layer inputs wait in pinned host memory (train.offload_checkpoints in a run config).
     cuda_graph=True (slimtune only) replays forward + backward as one CUDA graph after the first warmup
-    step (train/graphs.py); the optimizer step stays eager.
+    step (bench/graphed_step.py); the optimizer step stays eager.
     checkpointing=False trains without gradient checkpointing: every layer keeps its activations (no
     recompute), as `slimtune train` does by default (train.gradient_checkpointing: false); for the plain
     baseline too (not with the kbit recipe, which always checkpoints).
@@ -144,11 +150,11 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     model = build_llama(work.preset, device, dtype, quantizer, seed=seed, max_positions=max(seq_len, 64))
     row.model_gib = (_memory(device) - base_mem) / 2**30
     if library_is_slimtune(row):
-        model = _wrap_slimtune(model, checkpointing)
+        model = wrap_slimtune(model, checkpointing)
     else:
-        model = _wrap_peft(model, work.quantized, row.library == KBIT, checkpointing)
+        model = wrap_peft(model, work.quantized, row.library == KBIT, checkpointing)
     model.train()
-    loss_fn = _slimtune_loss if library_is_slimtune(row) else _peft_loss
+    loss_fn = slimtune_loss if library_is_slimtune(row) else peft_loss
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, PRESETS[work.preset]["vocab_size"], (work.batch, seq_len), generator=gen).to(device)
@@ -182,21 +188,6 @@ def _train(row: Measurement, work: Workload, device: torch.device, dtype: torch.
     if cuda_graph:
         reason = graphed.reason if device.type == "cuda" else "no CUDA"
         row.note = "graph replayed" if reason is None and graphed.captured else f"eager: {reason}"
-
-
-def graphed_step(model: nn.Module, loss: Callable[[], torch.Tensor], opt: torch.optim.Optimizer):
-    """(step, graphed): an optimizer step whose forward + backward replay as a CUDA graph (train/graphs.py)."""
-    from slimtune.train.graphs import GraphedBackward
-
-    graphed = GraphedBackward(loss, [p for p in model.parameters() if p.requires_grad], model=model)
-
-    def step() -> torch.Tensor:
-        value = graphed()
-        opt.step()
-        graphed.zero_grad(opt)
-        return value
-
-    return step, graphed
 
 
 def time_steps(step: Callable[[], object], n: int, device: torch.device) -> list[float]:

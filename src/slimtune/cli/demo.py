@@ -129,7 +129,7 @@ def answer(model: torch.nn.Module, tokenizer: Any, template: Any, messages: list
 
 
 def held_out_loss(model: torch.nn.Module, rows: list[dict[str, list[int]]], collate: Any) -> float:
-    from slimtune.train.loop import evaluation_loss
+    from slimtune.train.forward import evaluation_loss
 
     return evaluation_loss(model, rows, collate, batch_size=8)[0]
 

@@ -59,7 +59,7 @@ class TrainConfig:
     needs that much RAM: 8B at 350k tokens, ~90 GiB (pinned below 256 MiB a tensor, pageable above)."""
     cuda_graphs: bool | Literal["auto"] = "auto"
     """Replay each micro-batch's forward + backward as a CUDA graph, one per (rows, length rounded up to
-    128) (train/graph_steps.py): removes the launch overhead of small steps. true: on, with an error where
+    128) (train/cuda_graphs.py): removes the launch overhead of small steps. true: on, with an error where
     it cannot run (CPU, fp16, multi-GPU, AdaLoRA, prompt learning, ...); auto: on for LoRA/QLoRA without
     DoRA on one CUDA device in bf16/fp32 without offload_checkpoints, else off; false: off. Packed or
     left-padded batches always run eagerly."""

@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slimtune.registry import get_method
 from slimtune.train.checkpoint import latest_checkpoint, save_checkpoint
-from slimtune.train.loop import Batch, Trainer, forward_loss
+from slimtune.train.forward import Batch, forward_loss
+from slimtune.train.loop import Trainer
 from slimtune.train.loss import count_loss_tokens
 from slimtune.train.methods import trainable_parameters
 
@@ -176,6 +178,12 @@ def gathered_trainables(model: nn.Module) -> Iterator[None]:
             owner._parameters[leaf] = original
 
 
+def per_step_methods(model: nn.Module) -> list[str]:
+    """The model's adapter methods with per-step bookkeeping after the optimizer step (AdaLoRA's rank allocator)."""
+    configs = getattr(model, "peft_config", None) or {}
+    return [c.peft_type.value.lower() for c in configs.values() if get_method(c.peft_type).on_step is not None]
+
+
 class _NullLog:
     """The metrics log of ranks other than 0: they write nothing."""
 
@@ -190,6 +198,10 @@ class DistributedTrainer(Trainer):
     """Trainer for one rank of N: shards each micro-batch, reduces gradients (DDP or FSDP2), rank 0 writes."""
 
     def __init__(self, model: nn.Module, *args: Any, strategy: Strategy = "ddp", **kwargs: Any):
+        if strategy == "fsdp2" and (stepped := per_step_methods(model)):
+            raise ValueError(f"train.distributed: fsdp2 does not take method {stepped[0]!r}: it reallocates ranks "
+                             "after each step from whole gradients, which FSDP2 shards across ranks; use "
+                             "train.distributed: ddp (or one GPU)")
         self.strategy, self.rank, self.world = strategy, dist.get_rank(), dist.get_world_size()
         if strategy == "fsdp2":
             fully_shard_model(model)  # before the optimizer is built on the (now DTensor) parameters
@@ -238,18 +250,10 @@ class DistributedTrainer(Trainer):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def optimizer_step(self) -> float:
-        if self.strategy != "fsdp2":
-            return super().optimizer_step()
-        scaler, optimizer = self.ckpt.scaler, self.ckpt.optimizer
-        scaler.unscale_(optimizer)
+    def clip_grad_norm(self) -> float:
+        """The norm over all ranks: under FSDP2 clip_grad_norm_ returns a DTensor, gathered here (DDP: a tensor)."""
         max_norm = self.cfg.max_grad_norm or float("inf")
-        norm = _full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # DTensor norm: over all shards
-        scaler.step(optimizer)
-        scaler.update()
-        self.ckpt.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm.item())
+        return float(_full(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item())
 
     def open_log(self) -> Any:
         return super().open_log() if self.rank == 0 else _NullLog()

@@ -10,7 +10,6 @@ the data order is a pure function of (seed, epoch) (see slimtune.train.sampler),
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,26 +29,17 @@ from slimtune.train.checkpoint import (
     save_checkpoint,
 )
 from slimtune.train.config import TrainConfig
+from slimtune.train.cuda_graphs import GraphSteps, auto_enabled
 from slimtune.train.device import autocast_dtype, model_device
+from slimtune.train.forward import Batch, Row, evaluation_loss, forward_loss, supports_logits_to_keep
 from slimtune.train.logs import MetricsLog, ProgressBar, memory_gb
-from slimtune.train.loss import (
-    count_loss_tokens,
-    drop_right_padding_mask,
-    hidden_token_loss,
-    loss_head,
-    loss_positions,
-    token_loss,
-)
+from slimtune.train.loss import count_loss_tokens
 from slimtune.train.methods import trainable_parameters
 from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
 from slimtune.train.sampler import BatchPlan
 from slimtune.train.state import LogWindow, TrainState
-
-Row = dict[str, list[int]]
-Batch = dict[str, torch.Tensor]
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 class TrainingDiverged(RuntimeError):
@@ -85,10 +75,8 @@ class Trainer:
         self.graphs = self.build_graphs()
 
     def build_graphs(self) -> Any:
-        """The micro-batch graphs (train/graph_steps.py) as train.cuda_graphs says: true (an error where they
-        cannot run), auto (only where they run and were checked against eager: graph_steps.auto_enabled), false."""
-        from slimtune.train.graph_steps import GraphSteps, auto_enabled
-
+        """The micro-batch graphs (train/cuda_graphs.py) as train.cuda_graphs says: true (an error where they
+        cannot run), auto (only where they run and were checked against eager: cuda_graphs.auto_enabled), false."""
         mode = self.cfg.cuda_graphs
         if mode is False or (mode == "auto" and not auto_enabled(self.model, self.device, self.amp_dtype, self.cfg)):
             return None
@@ -191,10 +179,11 @@ class Trainer:
         return 0.0 if value is None else value
 
     def optimizer_step(self) -> float:
+        """Unscale, clip (clip_grad_norm), step the optimizer and scheduler, the method's per-step bookkeeping,
+        clear the grads; returns the gradient norm before clipping."""
         scaler, optimizer = self.ckpt.scaler, self.ckpt.optimizer
         scaler.unscale_(optimizer)
-        max_norm = self.cfg.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+        grad_norm = self.clip_grad_norm()
         scaler.step(optimizer)
         scaler.update()
         self.ckpt.scheduler.step()
@@ -203,6 +192,11 @@ class Trainer:
             update_and_allocate(self.state.step)
         optimizer.zero_grad(set_to_none=self.graphs is None or not self.graphs.owns_grads)  # graphs add into .grad
         return grad_norm
+
+    def clip_grad_norm(self) -> float:
+        """Clip the (unscaled) gradients to train.max_grad_norm; returns their total norm before clipping."""
+        max_norm = self.cfg.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
 
     def autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -294,62 +288,6 @@ class Trainer:
             self.plan = dataclasses.replace(self.plan, seed=self.state.data_seed)
         self.console.print(f"resuming from {resumed.path} (step {self.state.step})", soft_wrap=True)
         return resumed.path
-
-
-@torch.no_grad()
-def evaluation_loss(model: nn.Module, rows: Sequence[Row], collate: Callable[[list[Row]], Batch], batch_size: int,
-                    amp_dtype: torch.dtype | None = None, logits_to_keep: bool | None = None) -> tuple[float, int]:
-    """(mean next-token loss over every loss token of `rows`, number of loss tokens); model left in eval()."""
-    model.eval()
-    device = model_device(model)
-    keep = supports_logits_to_keep(model) if logits_to_keep is None else logits_to_keep
-    loss_sum, n_tokens = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        batch = collate(list(rows[i : i + batch_size]))
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            s, n = forward_loss(model, batch, device, keep)
-        loss_sum, n_tokens = loss_sum + s.item(), n_tokens + int(n)
-    return loss_sum / max(1, n_tokens), n_tokens
-
-
-def forward_loss(model: nn.Module, batch: Batch, device: torch.device,
-                 logits_to_keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of token losses, loss tokens) of one batch; logits only at loss positions if supported,
-    none at all where the loss comes from hidden states (loss.loss_head)."""
-    inputs: dict[str, Any] = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
-    positions = loss_positions(batch["labels"]) if logits_to_keep else None
-    head = loss_head(model) if positions is not None else None
-    if head is not None:
-        if drop_right_padding_mask(model, batch):  # exact for the loss: Note: right padding needs no attention mask
-            inputs.pop("attention_mask")
-        return _hidden_forward_loss(model, head, inputs, batch["labels"], positions.to(device))
-    if positions is not None:
-        inputs["logits_to_keep"] = positions.to(device)
-    return token_loss(model(**inputs, use_cache=False).logits, batch["labels"], positions)
-
-
-def _hidden_forward_loss(model: nn.Module, head: tuple[nn.Module, nn.Linear], inputs: dict[str, Any],
-                         labels: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own forward with no logits kept; the backbone's output goes to hidden_token_loss."""
-    backbone, lm_head = head
-    seen: list[torch.Tensor] = []
-    handle = backbone.register_forward_hook(lambda _m, _a, out: seen.append(out[0]))
-    try:
-        model(**inputs, logits_to_keep=positions[:0], use_cache=False)  # (B, 0, V) logits
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise RuntimeError(f"the backbone {type(backbone).__name__} ran {len(seen)} times in one forward")
-    return hidden_token_loss(seen[0], lm_head.weight, labels, positions)
-
-
-def supports_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the (wrapped) transformers model accepts `logits_to_keep` (see loss.loss_positions)."""
-    configs = getattr(model, "peft_config", None) or {}
-    if any(getattr(c, "num_virtual_tokens", None) for c in configs.values()):
-        return False  # virtual tokens shift every position
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def _input_tokens(batch: Batch) -> int:

@@ -94,7 +94,7 @@ def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 # of a real token is real: its output is the same with the padding mask or without it. Only the pads'
 # own outputs change, and they carry no label (IGNORE_INDEX), so neither the loss nor any gradient does.
 # Without the 2D mask transformers hands SDPA is_causal=True instead of a dense (B, 1, T, T) mask, which
-# on an H200 ran cuDNN's attention 3x faster (train/graphs.py, Note: transformers' masks under capture),
+# on an H200 ran cuDNN's attention 3x faster (train/cuda_graphs.py, Note: transformers' masks under capture),
 # and skips its all-ones check, a host sync per forward. `drop_right_padding_mask` does this only when
 # it is exact and pays: rotary models whose positions do not come from the mask (MASK_FREE_MODELS)
 # running SDPA (flash-attention 2 uses the mask to skip the pads, so it keeps it), a 2D mask

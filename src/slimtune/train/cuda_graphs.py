@@ -1,5 +1,5 @@
 """CUDA graphs in `slimtune train` (train.cuda_graphs): each micro-batch's forward + backward replayed as
-a graph, one graph per (rows, length bucket).
+a graph, one graph per (rows, length bucket); `capture_step` and `MaskReplay` are the capture itself.
 
     steps = GraphSteps(model, params, amp_dtype)     # the Trainer builds it when train.cuda_graphs
     if steps.takes(batch):
@@ -8,8 +8,8 @@ a graph, one graph per (rows, length bucket).
     optimizer.zero_grad(set_to_none=False)           # the graphs own the .grad tensors: zero them in place
 
 # Note: graphs in the SFT loop
-train/graphs.py replays one fixed-shape step (the benchmark's). SFT batches differ in length, their loss
-tokens differ in number and place, and several micro-batches add into one gradient. So:
+A graph replays one fixed-shape step. SFT batches differ in length, their loss tokens differ in number
+and place, and several micro-batches add into one gradient. So:
   * a batch is right-padded (pad id 0, label IGNORE_INDEX) to its length rounded up to BUCKET tokens, and
     each (rows, bucket) gets its own static input tensors and graph; the graphs share one memory pool
     (they replay one after another on one stream, never at once). The pads change no loss or gradient:
@@ -29,21 +29,38 @@ tokens differ in number and place, and several micro-batches add into one gradie
     every later batch runs eagerly (the loop's own eager path) and `reason` says why.
 Batches that cannot be replayed run eagerly (`takes` is False): packed rows (position_ids), left padding
 or any padding that loss.drop_right_padding_mask does not accept (models outside MASK_FREE_MODELS, a
-non-SDPA attention). Attention masks under capture: Note: transformers' masks under capture (graphs.py).
+non-SDPA attention). Attention masks under capture: Note: transformers' masks under capture.
+
+# Note: transformers' masks under capture
+transformers lets SDPA run its causal kernel (is_causal=True, no mask tensor) only after host-side
+checks (no padding, no packed sequences in position_ids), and while a CUDA stream is capturing it skips
+them and builds a dense (B, 1, T, T) mask instead. Captured that way, the H200's cuDNN attention ran 3x
+slower (1B LoRA b4: 1.37 against 0.48 ms per backward call, ~26 ms per step). Telling transformers
+that nothing is capturing does not work: its checks then sync with the host and the capture fails.
+So MaskReplay watches the attention modules (class name ending in "Attention") in the
+eager warmup calls, on the same static inputs: a module that got attention_mask=None there gets None
+again during the capture, in place of the dense mask, and computes what it computed eagerly. This is
+only right while every batch is like the warmup's: a batch with padding (an attention mask with zeros)
+must not go through a graph captured on one without. Packed rows (position_ids restarting per sample)
+must not be captured at all: transformers skips its packed-sequence detection under capture and would
+build a plain causal mask, attending across samples. GraphSteps therefore buckets by length with one graph
+each, leaves right padding unmasked and refuses packed rows (Note: graphs in the SFT loop).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from slimtune.train.graphs import MaskReplay, capture_step
+from slimtune.train.forward import hidden_forward_loss
 from slimtune.train.loss import IGNORE_INDEX, drop_right_padding_mask, loss_head
 
-__all__ = ["GraphSteps", "BUCKET", "WARMUP", "graphs_unsupported", "auto_enabled"]
+__all__ = ["BUCKET", "WARMUP", "GraphSteps", "MaskReplay", "auto_enabled", "capture_step", "graphs_unsupported"]
 
 BUCKET = 128
 """Sequence lengths are rounded up to a multiple of this: at most max_seq_len / BUCKET graphs per row count."""
@@ -62,6 +79,67 @@ class _Bucket:
     calls: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     loss: torch.Tensor | None = None
+
+
+class MaskReplay:
+    """The attention-mask decision of eager calls, replayed while a stream captures (Note: transformers'
+    masks under capture). Hooks act only while `active` (inside the owner's own calls)."""
+
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.eager_none_mask: dict[torch.nn.Module, bool] = {}
+        self.active = False
+        self.hooks = [m.register_forward_pre_hook(self._hook, with_kwargs=True)
+                      for m in (model.modules() if model is not None else ()) if type(m).__name__.endswith("Attention")]
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        if not self.active or "attention_mask" not in kwargs:
+            return None
+        if not torch.cuda.is_current_stream_capturing():
+            self.eager_none_mask[module] = self.eager_none_mask.get(module, True) and kwargs["attention_mask"] is None
+            return None
+        if kwargs["attention_mask"] is not None and self.eager_none_mask.get(module, False):
+            return args, {**kwargs, "attention_mask": None}
+        return None
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """The owner's own calls: the hooks record (eager) or replay (capturing) only inside this block."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+
+
+def capture_step(step: Callable[[], torch.Tensor], device: torch.device | None = None,
+                 pool: Any = None, between: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, loss): step() (forward + backward, returns the loss) called once eagerly on a new side
+    stream, then captured on that same stream, so that the cuBLAS / cuDNN workspaces and lazy state the
+    eager call set up serve the graph. between() runs after the eager call. If anything raises, the CUDA
+    generator gets its state back (a failed capture leaves it mid-capture) and the error propagates."""
+    device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    rng = generator.clone_state()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if between is not None:
+            between()
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            loss = step()
+    except BaseException:
+        generator.graphsafe_set_state(rng)
+        raise
+    return graph, loss.detach()
 
 
 def graphs_unsupported(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> str | None:
@@ -83,7 +161,7 @@ def graphs_unsupported(model: nn.Module, device: torch.device, amp_dtype: torch.
 
 def auto_enabled(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, cfg: Any) -> bool:
     """train.cuda_graphs: auto: graphs can run (graphs_unsupported), no checkpoint offload, and the method is
-    one whose graph steps were compared with eager ones on a GPU (tests/train/test_graph_steps.py): LoRA or
+    one whose graph steps were compared with eager ones on a GPU (tests/train/test_cuda_graphs.py): LoRA or
     QLoRA adapters without DoRA."""
     if cfg.offload_checkpoints or graphs_unsupported(model, device, amp_dtype) is not None:
         return False
@@ -152,10 +230,8 @@ class GraphSteps:
         return b
 
     def _loss_sum(self, b: _Bucket) -> torch.Tensor:
-        from slimtune.train.loop import _hidden_forward_loss
-
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            return _hidden_forward_loss(self.model, self.head, {"input_ids": b.ids}, b.labels, b.positions)[0]
+            return hidden_forward_loss(self.model, self.head, {"input_ids": b.ids}, b.labels, b.positions)[0]
 
     def _eager(self, b: _Bucket) -> torch.Tensor:
         with self.masks.watching():

@@ -1,4 +1,4 @@
-"""train/graph_steps.py (train.cuda_graphs): who may use it, the eager path's bucketing and loss on CPU, and
+"""train/cuda_graphs.py (train.cuda_graphs): who may use it, the eager path's bucketing and loss on CPU, and
 on CUDA a Trainer run with graphs against the same run without (losses and adapter weights)."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import torch
 from tiny_run import build_llama, pad_collate, random_rows
 
 from slimtune.kernels import set_fast_path
-from slimtune.train import graph_steps
+from slimtune.train import cuda_graphs
 from slimtune.train.config import TrainConfig
-from slimtune.train.graph_steps import GraphSteps, auto_enabled, graphs_unsupported
-from slimtune.train.loop import Trainer, forward_loss
+from slimtune.train.cuda_graphs import GraphSteps, auto_enabled, graphs_unsupported
+from slimtune.train.forward import forward_loss
+from slimtune.train.loop import Trainer
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.rng import seed_everything
 
@@ -77,7 +78,7 @@ def test_unsupported_reasons():
 
 def _eager_steps(monkeypatch, model, bucket=8) -> GraphSteps:
     """GraphSteps on CPU that never captures: its eager path (bucket padding, loss over every position)."""
-    monkeypatch.setattr(graph_steps, "graphs_unsupported", lambda *a: None)
+    monkeypatch.setattr(cuda_graphs, "graphs_unsupported", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)  # CPU builds lack it
     return GraphSteps(model, list(trainable_parameters(model).values()), None, bucket=bucket, warmup=10**9)
@@ -136,7 +137,7 @@ def _run(tmp: Path, graphs: bool, quantized: bool = False, dropout: float = 0.0)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("quantized", [False, True])
 def test_gpu_trainer_with_graphs_matches_eager(tmp_path, monkeypatch, quantized):
-    monkeypatch.setattr(graph_steps, "BUCKET", 8)  # rows of 5..17 tokens: buckets 8, 16, 24, several graphs
+    monkeypatch.setattr(cuda_graphs, "BUCKET", 8)  # rows of 5..17 tokens: buckets 8, 16, 24, several graphs
     eager_losses, start, eager_params, _ = _run(tmp_path / "eager", False, quantized)
     graph_losses, _, graph_params, steps = _run(tmp_path / "graphs", True, quantized)
     assert steps.reason is None and steps.replays > 0 and len(steps.buckets) >= 2
@@ -152,7 +153,7 @@ def test_gpu_trainer_with_graphs_matches_eager(tmp_path, monkeypatch, quantized)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_graphs_with_lora_dropout_train(tmp_path, monkeypatch):
     """Dropout masks are drawn anew at every replay (the graph owns a generator offset): finite losses, moved weights."""
-    monkeypatch.setattr(graph_steps, "BUCKET", 8)
+    monkeypatch.setattr(cuda_graphs, "BUCKET", 8)
     losses, start, params, steps = _run(tmp_path, True, dropout=0.1)
     assert steps.reason is None and steps.replays > 0
     assert all(torch.isfinite(torch.tensor(losses)))

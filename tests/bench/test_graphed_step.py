@@ -1,11 +1,11 @@
-"""train/graphs.py: a CUDA-graph replay of forward + backward gives the eager step's losses and weights."""
+"""bench/graphed_step.py: a CUDA-graph replay of forward + backward gives the eager step's losses and weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimtune.train.graphs import GraphedBackward
+from slimtune.bench.graphed_step import GraphedBackward
 
 
 def test_refuses_without_cuda(monkeypatch):
@@ -17,7 +17,7 @@ def test_refuses_without_cuda(monkeypatch):
 def _train(graph: bool, quantized: bool, steps: int = 5) -> tuple[list[float], list[torch.Tensor], str | None]:
     from slimtune import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from slimtune.bench.models import PROJECTIONS, build_llama, slimtune_quantizer
-    from slimtune.bench.training import _slimtune_loss
+    from slimtune.bench.training import slimtune_loss
 
     model = build_llama("tiny", "cuda", torch.bfloat16, slimtune_quantizer if quantized else None, seed=0)
     prepare_model_for_kbit_training(model)
@@ -29,7 +29,7 @@ def _train(graph: bool, quantized: bool, steps: int = 5) -> tuple[list[float], l
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2)).cuda()
-    step = GraphedBackward(lambda: _slimtune_loss(model, ids), params, warmup=2, model=model) if graph else None
+    step = GraphedBackward(lambda: slimtune_loss(model, ids), params, warmup=2, model=model) if graph else None
     masks = []  # what the attention layers get while the graph is captured: None = SDPA's causal kernel
     model.get_base_model().model.layers[0].self_attn.register_forward_pre_hook(
         lambda _m, args, kwargs: masks.append(kwargs.get("attention_mask", args[2] if len(args) > 2 else None))
@@ -37,7 +37,7 @@ def _train(graph: bool, quantized: bool, steps: int = 5) -> tuple[list[float], l
     losses = []
     for _ in range(steps):
         if step is None:
-            loss = _slimtune_loss(model, ids)
+            loss = slimtune_loss(model, ids)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

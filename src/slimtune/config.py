@@ -42,7 +42,8 @@ class PeftType(str, enum.Enum):
     P_TUNING = "P_TUNING"
 
 
-def _coerce_enum(enum_cls: type[enum.Enum], value: Any, field: str) -> Any:
+def coerce_enum(enum_cls: type[enum.Enum], value: Any, field: str) -> Any:
+    """`value` as a member of `enum_cls` (None stays None); ValueError naming `field` and the allowed values."""
     if value is None or isinstance(value, enum_cls):
         return value
     try:
@@ -82,7 +83,7 @@ class PeftConfig:
     peft_type: ClassVar[PeftType]
 
     def __post_init__(self) -> None:
-        self.task_type = _coerce_enum(TaskType, self.task_type, "task_type")
+        self.task_type = coerce_enum(TaskType, self.task_type, "task_type")
         check_fields(self)  # types, finite numbers, patterns: before any method's own checks
 
     # ---- (de)serialization in PEFT's schema -------------------------------------------------
@@ -102,15 +103,13 @@ class PeftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PeftConfig:
         """Build the config of the method named by data['peft_type'] (or cls itself for a subclass)."""
-        from slimtune.registry import get_method
-
         data = dict(data)
         peft_type = data.pop("peft_type", None)
         if cls is PeftConfig:
             if peft_type is None:
                 raise ValueError(f"{source}: missing 'peft_type'; allowed: {', '.join(t.value for t in PeftType)}")
-            cls = get_method(_coerce_enum(PeftType, peft_type, f"{source}: peft_type")).config_cls
-        elif peft_type is not None and _coerce_enum(PeftType, peft_type, "peft_type") != cls.peft_type:
+            cls = _config_class(coerce_enum(PeftType, peft_type, f"{source}: peft_type"))
+        elif peft_type is not None and coerce_enum(PeftType, peft_type, "peft_type") != cls.peft_type:
             raise ValueError(f"{source}: peft_type={peft_type!r} but {cls.__name__} expects {cls.peft_type.value}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
@@ -156,3 +155,15 @@ class PeftConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=str(file))
+
+
+def _config_class(peft_type: PeftType) -> type[PeftConfig]:
+    """The config class that declares `peft_type`: the subclass of PeftConfig nearest to it (importing slimtune
+    imports every method's config class; registry.py lists the methods)."""
+    pending = list(PeftConfig.__subclasses__())
+    while pending:
+        cls = pending.pop(0)
+        if cls.__dict__.get("peft_type") is peft_type:
+            return cls
+        pending.extend(cls.__subclasses__())
+    raise AssertionError(f"no config class declares peft_type {peft_type.value}")

@@ -18,7 +18,7 @@ method's run state (`method_state.` keys, e.g. AdaLoRA's rank allocator), so tha
 
 # Note: prompt-learning adapters
 Prompt tuning, prefix tuning and P-tuning put nothing inside the base model: each adapter is an encoder in
-`self.prompt_encoder[name]` (peft's attribute name) and the method's `PromptHooks` (see registry.py) apply
+`self.prompt_encoder[name]` (peft's attribute name) and the method's `PromptHooks` (see methods/spec.py) apply
 its output in forward and generate. Layer methods and prompt methods are not mixed in one PeftModel (as in
 peft); several adapters of prompt methods are.
 """
@@ -38,8 +38,9 @@ from torch import nn
 from slimtune import adapter_io
 from slimtune.adapter_layer import ModulesToSave, is_adapter_layer
 from slimtune.config import PeftConfig, TaskType
+from slimtune.methods.spec import MethodSpec, PromptHooks
 from slimtune.quant.saving import update_quantization_config
-from slimtune.registry import MethodSpec, PromptHooks, get_method
+from slimtune.registry import get_method
 from slimtune.targeting import find_targets
 
 CLASSIFIER_NAMES = ("classifier", "score")

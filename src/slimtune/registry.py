@@ -1,91 +1,57 @@
-"""Method name -> (config class, injector). Adding a method adds a folder and one line here.
+"""Every adapter method, one row per `method:` name of a run. Adding a method adds a folder and one row here.
 
-A method module exposes `METHOD: MethodSpec`. Layer methods (LoRA, IA3, AdaLoRA) replace target modules
-with wrappers that satisfy `AdapterLayer`; the rest of slimtune only talks to that protocol. Prompt-learning
-methods (prompt tuning, prefix tuning, P-tuning) leave the base model alone and give `PromptHooks`: a
-trainable encoder that PeftModel holds, and the forward/generate that feed its output to the model.
+A row names the method package's `MethodSpec` (methods/spec.py) and how a run uses it: qlora is LoRA on a
+base model loaded in 4 bit, dora is LoRA with `use_dora=True`, full trains every parameter and has no
+method. The peft-compatible API finds a method by the `peft_type` of its config (`get_method`); the run
+pipeline (train/methods.py) by the row's name. Method packages are imported here, so an error inside one
+surfaces as itself, with its traceback.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from slimtune.config import PeftType
+from slimtune.config import PeftConfig, PeftType
+from slimtune.methods import adalora, ia3, lora, p_tuning, prefix_tuning, prompt_tuning
+from slimtune.methods.spec import MethodSpec
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+__all__ = ["METHODS", "RunMethod", "get_method"]
 
-    from slimtune.config import PeftConfig
 
-_METHOD_MODULES: dict[PeftType, str] = {
-    PeftType.LORA: "slimtune.methods.lora",
-    PeftType.IA3: "slimtune.methods.ia3",
-    PeftType.ADALORA: "slimtune.methods.adalora",
-    PeftType.PROMPT_TUNING: "slimtune.methods.prompt_tuning",
-    PeftType.PREFIX_TUNING: "slimtune.methods.prefix_tuning",
-    PeftType.P_TUNING: "slimtune.methods.p_tuning",
+@dataclasses.dataclass(frozen=True)
+class RunMethod:
+    """What one `method:` name of a run builds."""
+
+    spec: MethodSpec | None
+    """The adapter method; None for full fine-tuning (every parameter trains, no adapter)."""
+    forced: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Config fields this method sets itself (the user may repeat them, not contradict them)."""
+    quantized: bool = False
+    """Load the frozen base model in 4 bit (QLoRA)."""
+
+    @property
+    def config_class(self) -> type[PeftConfig] | None:
+        """The adapter config class the run's `peft:` section builds; None for full fine-tuning."""
+        return None if self.spec is None else self.spec.config_cls
+
+
+METHODS: dict[str, RunMethod] = {
+    "lora": RunMethod(lora.METHOD),
+    "qlora": RunMethod(lora.METHOD, quantized=True),
+    "dora": RunMethod(lora.METHOD, forced={"use_dora": True}),
+    "adalora": RunMethod(adalora.METHOD),
+    "ia3": RunMethod(ia3.METHOD),
+    "prefix_tuning": RunMethod(prefix_tuning.METHOD),
+    "prompt_tuning": RunMethod(prompt_tuning.METHOD),
+    "p_tuning": RunMethod(p_tuning.METHOD),
+    "full": RunMethod(None),
 }
 
-
-@dataclasses.dataclass(frozen=True)
-class PromptHooks:
-    """How a prompt-learning method reaches the model. `prompt` below is the encoder's output, (rows, dim)."""
-
-    build_encoder: Callable[[nn.Module, PeftConfig], nn.Module]
-    """build_encoder(base_model, config): the module whose forward() (no arguments) returns the prompt; for an
-    inference-mode config, a frozen table of exactly the saved `prompt_embeddings` (peft's file format)."""
-    forward: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
-    """forward(base_model, prompt, config, inputs): the base model's outputs with the prompt applied."""
-    generate: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
-    """generate(base_model, prompt, config, generate_kwargs): base_model.generate's result with the prompt."""
-    backbone: Callable[[nn.Module, torch.Tensor, PeftConfig, dict[str, Any]], Any]
-    """backbone(backbone, prompt, config, inputs): the backbone's (e.g. LlamaModel's) outputs with the prompt
-    applied, last_hidden_state at the real tokens only. `peft_model.base_model(...)` runs it: TRL's SFTTrainer
-    computes its fused loss from those hidden states (see peft_model.AdaptedModel)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RunStateHooks:
-    """A method's training state that lives outside its parameters: checkpoints carry it so resume is exact."""
-
-    get: Callable[[nn.Module, PeftConfig, str], dict[str, torch.Tensor]]
-    """get(model, config, adapter_name): the state as named tensors (never the parameters themselves)."""
-    load: Callable[[nn.Module, PeftConfig, str, dict[str, torch.Tensor]], None]
-    """load(model, config, adapter_name, tensors): restore what `get` returned; {} resets the state. Raises
-    ValueError naming a key that fits no adapter of the model or a tensor of the wrong shape."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """How one adapter method plugs in."""
-
-    config_cls: type[PeftConfig]
-    inject: Callable[[nn.Module, PeftConfig, str], None]
-    """inject(model, config, adapter_name): add the adapter to `model` in place."""
-    default_targets: dict[str, list[str]]
-    """model_type -> target module names used when the config gives none."""
-    extra_trainable: Callable[[nn.Module, PeftConfig], Iterator[tuple[str, nn.Parameter]]] | None = None
-    """Base parameters the config also trains and saves (e.g. LoRA's bias='all'), by state-dict name."""
-    on_step: Callable[[nn.Module, PeftConfig, str, int], None] | None = None
-    """on_step(model, config, adapter_name, global_step): called after each optimizer step (AdaLoRA's allocator)."""
-    extra_loss: Callable[[nn.Module, PeftConfig, str], torch.Tensor] | None = None
-    """A regularization term added to the model's loss in training (AdaLoRA's orthogonality penalty)."""
-    prompt: PromptHooks | None = None
-    """Set by prompt-learning methods (their `inject` only fills config fields from the model)."""
-    to_file: Callable[[dict[str, torch.Tensor], PeftConfig, str], dict[str, torch.Tensor]] | None = None
-    """to_file(tensors, config, adapter_name): the adapter file's tensors from the in-memory ones (PEFT file keys).
-    Applied by save_pretrained only; state_dict() keeps the training shapes (AdaLoRA writes only its kept triplets)."""
-    run_state: RunStateHooks | None = None
-    """State outside the parameters that an exact resume needs (AdaLoRA's allocator averages and masks)."""
+_BY_PEFT_TYPE: dict[PeftType, MethodSpec] = {
+    row.spec.config_cls.peft_type: row.spec for row in METHODS.values() if row.spec is not None}
 
 
 def get_method(peft_type: PeftType) -> MethodSpec:
-    """The MethodSpec for a peft_type, importing its module on first use."""
-    try:
-        return importlib.import_module(_METHOD_MODULES[peft_type]).METHOD
-    except (KeyError, ModuleNotFoundError):
-        raise ValueError(f"peft_type {peft_type.value!r} is not available in slimtune yet") from None
+    """The MethodSpec of an adapter config's `peft_type` (every PeftType has a row in METHODS)."""
+    return _BY_PEFT_TYPE[peft_type]

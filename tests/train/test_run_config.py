@@ -9,7 +9,7 @@ import yaml
 
 from slimtune.train.config import TrainConfig
 from slimtune.train.docs import field_docs
-from slimtune.train.methods import MethodUnavailable, build_peft_config, config_class
+from slimtune.train.methods import build_peft_config, method_spec
 from slimtune.train.run_config import RunConfig, load_run_config, parse_overrides
 
 
@@ -101,14 +101,13 @@ def test_every_train_field_has_help() -> None:
 
 
 def test_method_table() -> None:
-    assert config_class("full") is None
+    assert method_spec("full").config_class is None
     dora = build_peft_config("dora", {"r": 4})
     assert dora.use_dora is True and dora.r == 4 and str(getattr(dora.task_type, "value", dora.task_type)) == "CAUSAL_LM"
-    try:
-        config_class("prefix_tuning")
-    except MethodUnavailable as err:
-        assert "method 'prefix_tuning' is not available yet" in str(err)
-        assert "available methods: lora, qlora, dora" in str(err)
+    with pytest.raises(ValueError, match="method 'dora' needs use_dora=True; got False"):
+        build_peft_config("dora", {"use_dora": False})
+    assert method_spec("qlora").quantized and not method_spec("lora").quantized
+    assert type(build_peft_config("prefix_tuning", {"num_virtual_tokens": 4})).__name__ == "PrefixTuningConfig"
 
 
 def test_run_config_requires_valid_dataclass_sections() -> None:

@@ -1,1 +1,1 @@
-"""Adapter methods, one folder each; registry.py maps PeftType -> folder."""
+"""Adapter methods, one folder each with the same shape; registry.py lists them by name."""

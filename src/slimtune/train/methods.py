@@ -1,120 +1,61 @@
 """Training methods by name: how `method:` + the `peft:` section turn a base model into a trainable one.
 
-One table, `METHODS`, maps each name of the run YAML to the slimtune config class it builds, the
-overrides it forces (dora = LoRA with `use_dora=True`), and whether the base model is loaded in 4 bit
-(qlora). Adding a method is a table row; a method whose config class slimtune does not export yet
-raises `MethodUnavailable` naming it. `full` trains every parameter and has no config class.
+The methods and their variants (qlora loads the base in 4 bit, dora forces `use_dora=True`) are the rows
+of registry.METHODS; this module checks a run's `peft:` section against a row's config class, builds the
+config, loads the base model and prepares it for training. `full` trains every parameter and has no config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
-from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimtune.config import PeftConfig
 from slimtune.config_checks import check_values
 from slimtune.kernels.llama_fused import enable_fast_path
+from slimtune.peft_model import get_peft_model
+from slimtune.registry import METHODS, RunMethod
 from slimtune.train.schema import check_keys
 
-# The PEFT API we build on (slimtune's own, which mirrors HF peft's names exactly).
-_PEFT_API = "slimtune"
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """How one `method:` name prepares a model."""
-
-    config_class: str | None
-    """Name of the config class exported by slimtune; None means full fine-tuning."""
-    forced: dict[str, Any] = field(default_factory=dict)
-    """Config fields this method sets itself (the user may repeat them, not contradict them)."""
-    quantized: bool = False
-    """Load the frozen base model in 4 bit (QLoRA)."""
-
-
-METHODS: dict[str, MethodSpec] = {
-    "lora": MethodSpec("LoraConfig"),
-    "qlora": MethodSpec("LoraConfig", quantized=True),
-    "dora": MethodSpec("LoraConfig", {"use_dora": True}),
-    "adalora": MethodSpec("AdaLoraConfig"),
-    "ia3": MethodSpec("IA3Config"),
-    "prefix_tuning": MethodSpec("PrefixTuningConfig"),
-    "prompt_tuning": MethodSpec("PromptTuningConfig"),
-    "p_tuning": MethodSpec("PromptEncoderConfig"),
-    "full": MethodSpec(None),
-}
-
-
-class MethodUnavailable(ValueError):
-    """The method is known but slimtune does not implement it (yet)."""
-
-
-def peft_api() -> ModuleType:
-    return importlib.import_module(_PEFT_API)
-
-
-def method_spec(method: str) -> MethodSpec:
+def method_spec(method: str) -> RunMethod:
+    """The registry row of `method` (ValueError naming the allowed methods)."""
     check_keys([method], METHODS, "method")
     return METHODS[method]
 
 
-def config_class(method: str) -> type | None:
-    """The PEFT config class of `method` (None for full); MethodUnavailable if not implemented."""
-    spec = method_spec(method)
-    if spec.config_class is None:
-        return None
-    cls = getattr(peft_api(), spec.config_class, None)
-    if cls is None:
-        raise MethodUnavailable(
-            f"method '{method}' is not available yet: slimtune has no {spec.config_class}; "
-            f"available methods: {', '.join(available_methods())}"
-        )
-    return cls
-
-
-def available_methods() -> list[str]:
-    api = peft_api()
-    return [m for m, s in METHODS.items() if s.config_class is None or hasattr(api, s.config_class)]
-
-
-def config_fields(cls: type) -> list[str]:
-    if dataclasses.is_dataclass(cls):
-        return [f.name for f in dataclasses.fields(cls) if f.init]
-    return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+def config_fields(cls: type[PeftConfig]) -> list[str]:
+    """The fields a `peft:` section may set for config class `cls`."""
+    return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
 def check_peft_section(method: str, peft: dict[str, Any]) -> None:
-    """Validate `peft:` keys against the method's config class (skipped if the method is unavailable)."""
-    spec = method_spec(method)
-    if spec.config_class is None:
+    """Validate `peft:` keys and values against the method's config class, before anything loads."""
+    row = method_spec(method)
+    cls = row.config_class
+    if cls is None:
         if peft:
             raise ValueError(f"section 'peft' must be empty for method 'full'; got keys {sorted(peft)}")
         return
-    try:
-        cls = config_class(method)
-    except MethodUnavailable:
-        return  # checked when the run starts, once the method exists
     check_keys(peft, config_fields(cls), "peft")
     check_values(cls, peft, "peft.")  # types, finite numbers, patterns: before anything loads
-    for key, value in spec.forced.items():
+    for key, value in row.forced.items():
         if key in peft and peft[key] != value:
             raise ValueError(f"peft.{key}: method '{method}' needs {key}={value!r}; got {peft[key]!r}")
 
 
-def build_peft_config(method: str, peft: dict[str, Any], total_steps: int | None = None) -> Any:
+def build_peft_config(method: str, peft: dict[str, Any], total_steps: int | None = None) -> PeftConfig:
     """The method's config object, with task_type CAUSAL_LM and (AdaLoRA) total_step filled in."""
-    cls = config_class(method)
+    row = method_spec(method)
+    cls = row.config_class
     if cls is None:
         raise ValueError("method 'full' has no PEFT config")
     check_peft_section(method, peft)
     fields = config_fields(cls)
-    kwargs = {**peft, **method_spec(method).forced}
+    kwargs = {**peft, **row.forced}
     if "task_type" in fields and kwargs.get("task_type") is None:
         kwargs["task_type"] = "CAUSAL_LM"
     if "total_step" in fields and kwargs.get("total_step") is None and total_steps is not None:
@@ -135,7 +76,8 @@ def load_base_model(path: str, method: str, dtype: torch.dtype, quant: Any, devi
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
 
 
-def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_checkpointing: bool) -> nn.Module:
+def prepare_model(model: nn.Module, method: str, peft_config: PeftConfig | None,
+                  gradient_checkpointing: bool) -> nn.Module:
     """Freeze/wrap `model` for `method`; trainable parameters end up fp32 (master weights).
 
     Gradient checkpointing is non-reentrant, so frozen embeddings need no `enable_input_require_grads`.
@@ -150,7 +92,7 @@ def prepare_model(model: nn.Module, method: str, peft_config: Any, gradient_chec
     if peft_config is None:
         model.requires_grad_(True)
     else:
-        model = peft_api().get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)
         enable_fast_path(model)  # fused norms/RoPE/SwiGLU where they apply (CUDA), self-checked
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:

@@ -18,8 +18,8 @@ from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocat
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter, adapters_of
 from slimtune.methods.adalora.state import kept_triplets, load_run_state, run_state, to_file
+from slimtune.methods.spec import MethodSpec, RunStateHooks
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.registry import MethodSpec, RunStateHooks
 from slimtune.targeting import default_targets, find_targets
 
 if TYPE_CHECKING:

@@ -8,8 +8,8 @@ from torch import nn
 from slimtune.methods._common import adapter_placement, wrap_linear
 from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.ia3.layer import IA3Layer, IA3Vector
+from slimtune.methods.spec import MethodSpec
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.registry import MethodSpec
 from slimtune.targeting import default_targets, find_targets, pattern_fullmatch
 
 __all__ = ["IA3Config", "IA3Layer", "METHOD"]

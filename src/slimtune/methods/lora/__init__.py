@@ -10,7 +10,7 @@ from slimtune.methods._common import adapter_placement, trainable_biases
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
 from slimtune.methods.lora.config import LoraConfig, _pissa_iters
 from slimtune.methods.lora.layer import LoraLayer, _is_4bit
-from slimtune.registry import MethodSpec
+from slimtune.methods.spec import MethodSpec
 from slimtune.targeting import default_targets, find_targets, is_linear_like
 
 __all__ = ["LoraConfig", "LoraLayer", "METHOD"]

@@ -8,7 +8,7 @@ from torch import nn
 from slimtune.methods.p_tuning.config import PromptEncoderConfig, PromptEncoderReparameterizationType
 from slimtune.methods.p_tuning.encoder import PromptEncoder
 from slimtune.methods.prompt_learning import StoredPrompt, fill_from_model, virtual_tokens
-from slimtune.registry import MethodSpec, PromptHooks
+from slimtune.methods.spec import MethodSpec, PromptHooks
 
 __all__ = ["METHOD", "PromptEncoder", "PromptEncoderConfig", "PromptEncoderReparameterizationType"]
 

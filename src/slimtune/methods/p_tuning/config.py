@@ -6,8 +6,8 @@ import dataclasses
 import enum
 from typing import ClassVar
 
-from slimtune.config import PeftType, _coerce_enum
-from slimtune.methods.prompt_learning.config import PromptLearningConfig, _check_positive
+from slimtune.config import PeftType, coerce_enum
+from slimtune.methods.prompt_learning.config import PromptLearningConfig, check_positive
 
 
 class PromptEncoderReparameterizationType(str, enum.Enum):
@@ -34,9 +34,9 @@ class PromptEncoderConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.encoder_reparameterization_type = _coerce_enum(
+        self.encoder_reparameterization_type = coerce_enum(
             PromptEncoderReparameterizationType, self.encoder_reparameterization_type, "encoder_reparameterization_type")
-        _check_positive("encoder_hidden_size", self.encoder_hidden_size)
-        _check_positive("encoder_num_layers", self.encoder_num_layers)
+        check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        check_positive("encoder_num_layers", self.encoder_num_layers)
         if not 0.0 <= self.encoder_dropout < 1.0:
             raise ValueError(f"encoder_dropout={self.encoder_dropout!r} must be in [0, 1)")

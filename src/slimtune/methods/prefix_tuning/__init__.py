@@ -9,7 +9,7 @@ from slimtune.config import TaskType
 from slimtune.methods.prefix_tuning.config import PrefixTuningConfig
 from slimtune.methods.prefix_tuning.encoder import PrefixEncoder
 from slimtune.methods.prompt_learning import StoredPrompt, fill_from_model, prefix_cache
-from slimtune.registry import MethodSpec, PromptHooks
+from slimtune.methods.spec import MethodSpec, PromptHooks
 
 __all__ = ["METHOD", "PrefixEncoder", "PrefixTuningConfig"]
 

@@ -6,7 +6,7 @@ import dataclasses
 from typing import ClassVar
 
 from slimtune.config import PeftType
-from slimtune.methods.prompt_learning.config import PromptLearningConfig, _check_positive
+from slimtune.methods.prompt_learning.config import PromptLearningConfig, check_positive
 
 
 @dataclasses.dataclass
@@ -24,7 +24,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive("encoder_hidden_size", self.encoder_hidden_size)
+        check_positive("encoder_hidden_size", self.encoder_hidden_size)
         if self.init_weights not in (None, "zero"):
             raise ValueError(f"init_weights={self.init_weights!r} is not valid; allowed: None, 'zero'")
         if not isinstance(self.prefix_projection, bool):

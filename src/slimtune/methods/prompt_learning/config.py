@@ -33,7 +33,7 @@ class PromptLearningConfig(PeftConfig):
         if self.num_virtual_tokens is None:
             raise ValueError(f"{type(self).__name__}: num_virtual_tokens is required (a positive integer)")
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
-            _check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(f"num_transformer_submodules={self.num_transformer_submodules!r} is not valid; "
                              "allowed: 1, 2 or None")
@@ -49,7 +49,8 @@ class PromptLearningConfig(PeftConfig):
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
 
 
-def _check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> None:
+    """ValueError naming `name` unless `value` is None or a positive integer."""
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"{name}={value!r} must be a positive integer (or None to read it from the model)")
 

@@ -8,7 +8,7 @@ from torch import nn
 from slimtune.methods.prompt_learning import StoredPrompt, fill_from_model, input_embeddings, virtual_tokens
 from slimtune.methods.prompt_tuning.config import PromptTuningConfig, PromptTuningInit
 from slimtune.methods.prompt_tuning.encoder import PromptEmbedding
-from slimtune.registry import MethodSpec, PromptHooks
+from slimtune.methods.spec import MethodSpec, PromptHooks
 
 __all__ = ["METHOD", "PromptEmbedding", "PromptTuningConfig", "PromptTuningInit"]
 

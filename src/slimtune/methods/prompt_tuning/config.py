@@ -6,7 +6,7 @@ import dataclasses
 import enum
 from typing import ClassVar
 
-from slimtune.config import PeftType, _coerce_enum
+from slimtune.config import PeftType, coerce_enum
 from slimtune.methods.prompt_learning.config import PromptLearningConfig
 
 
@@ -36,7 +36,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.prompt_tuning_init = _coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
+        self.prompt_tuning_init = coerce_enum(PromptTuningInit, self.prompt_tuning_init, "prompt_tuning_init")
         text = self.prompt_tuning_init == PromptTuningInit.TEXT
         if text and not self.tokenizer_name_or_path:
             raise ValueError(f"prompt_tuning_init='TEXT' needs tokenizer_name_or_path; got {self.tokenizer_name_or_path!r}")

@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from slimtune.errors import MissingDependency
+
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 """Name of the cache sub-folder holding the converted default model."""
 
@@ -73,7 +75,7 @@ def default_model_path(cache_dir: Path | None = None) -> Path:
         return target
     gguf_path = find_smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(
+        raise MissingDependency(
             f"Converting {gguf_path.name} needs the 'gguf' package. Install it with: pip install gguf"
         )
     target.parent.mkdir(parents=True, exist_ok=True)

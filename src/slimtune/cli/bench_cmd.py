@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from slimtune.cli.common import guarded
+
 
 def bench_command(
     workloads: Annotated[list[str] | None, typer.Argument(
@@ -31,8 +33,6 @@ def bench_command(
                                                "the baseline without it (peft-nockpt).")] = False,
 ) -> None:
     """Measure tokens/s, peak memory and MFU of slimtune and the baseline, and print their ratios."""
-    from slimtune.cli.main import _guarded
-
     def body() -> None:
         from slimtune.bench import run_bench
 
@@ -40,4 +40,4 @@ def bench_command(
                   baseline=baseline, json_path=json_path, kbit_baseline=kbit,
                   cuda_graph=graph, graph_no_checkpoint=graph_nockpt)
 
-    _guarded(body)
+    guarded(body)

@@ -1,23 +1,21 @@
-"""The `slimtune` command (typer): train, data inspect, demo.
+"""The `slimtune` command (typer): assembles the app; defines train, data inspect and demo.
 
-User mistakes (a bad key, a missing file, an unavailable method) print one red line and exit with
-code 2, never a traceback; a diverged run (NaN loss) exits with 1. Set SLIMTUNE_DEBUG=1 to see the
-traceback anyway.
+The other commands live beside this file; all run their body through `common.guarded`, which turns user
+mistakes into one red line (exit 2) and lets a bug show its traceback.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from slimtune.cli.bench_cmd import bench_command
 from slimtune.cli.chat_cmd import chat_command
+from slimtune.cli.common import console, guarded, quiet_transformers
 from slimtune.cli.eval_cmd import eval_command
 from slimtune.cli.export_cmd import export_command
 from slimtune.cli.help import config_help
@@ -33,9 +31,6 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Look at training data before training on it.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 1
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 ConfigArg = Annotated[Path, typer.Argument(help="Run YAML: model, method, peft, data, train, output_dir "
@@ -68,11 +63,11 @@ def train(
         from slimtune.train.run_config import load_run_config
 
         cfg = load_run_config(config, ctx.args)
-        _quiet_transformers()
+        quiet_transformers()
         run_training(cfg, resume=resume, progress=progress, console=console)
         teardown()
 
-    _guarded(body, interrupted="interrupted; continue with `slimtune train CONFIG --resume`")
+    guarded(body, interrupted="interrupted; continue with `slimtune train CONFIG --resume`")
 
 
 @data_app.command("inspect", context_settings=OVERRIDES)
@@ -92,13 +87,13 @@ def data_inspect(
         from slimtune.train.run_config import load_run_config
 
         cfg = load_run_config(config, ctx.args)
-        _quiet_transformers()
+        quiet_transformers()
         tokenizer = load_tokenizer(cfg.model)
         report = inspect_data(cfg.data, tokenizer, cfg.train.max_seq_len, seed=cfg.train.seed,
                               sample_index=sample)
         Console().print(report.render(markup=True), highlight=False, soft_wrap=True)
 
-    _guarded(body)
+    guarded(body)
 
 
 @app.command()
@@ -116,50 +111,13 @@ def demo(
     def body() -> None:
         from slimtune.cli.demo import run_demo
 
-        _quiet_transformers()
+        quiet_transformers()
         run_demo(steps=steps, output_dir=Path(output_dir), console=console)
 
-    _guarded(body)
+    guarded(body)
 
 
-def _guarded(body: Callable[[], Any], interrupted: str = "interrupted") -> None:
-    """Run a command body, turning user errors into one red line and an exit code."""
-    import torch
-
-    from slimtune.train.loop import TrainingDiverged
-
-    try:
-        body()
-    except TrainingDiverged as err:
-        _fail(str(err), EXIT_DIVERGED, err)
-    except torch.OutOfMemoryError as err:
-        _fail("out of GPU memory: lower train.batch_size (raise train.grad_accum to keep the batch), set "
-              "train.gradient_checkpointing true, lower train.max_seq_len, or use method qlora", EXIT_DIVERGED, err)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, ImportError) as err:
-        _fail(str(err), EXIT_USER_ERROR, err)
-    except OSError as err:  # a full disk (see train.checkpoint.write_failure), a dead network share, ...
-        _fail(str(err), EXIT_DIVERGED, err)
-    except KeyboardInterrupt as err:
-        _fail(interrupted, 130, err)
-
-
-def _fail(message: str, code: int, err: BaseException) -> None:
-    if os.environ.get("SLIMTUNE_DEBUG"):
-        raise err
-    text = " ".join(message.split()) or type(err).__name__
-    console.print(f"[bold red]error:[/bold red] [red]{escape(text)}[/red]", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _quiet_transformers() -> None:
-    """Hide transformers' per-file progress bars; our own output says what happens."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-# Commands written beside this file by the eval / infer / export work; each uses _guarded above.
+# Commands defined beside this file (options generated from their config dataclasses, see options.py).
 app.command("eval")(eval_command)
 app.command("chat")(chat_command)
 app.command("merge")(merge_command)

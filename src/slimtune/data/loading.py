@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slimtune.data.validation import RowError
+from slimtune.errors import MissingDependency
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 BUILTIN_PREFIX = "slimtune:"
@@ -159,7 +160,7 @@ def _read_parquet(file: Path) -> Iterator[RawRow]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {file} needs pyarrow: pip install pyarrow (or slimtune[data])") from None
+        raise MissingDependency(f"reading {file} needs pyarrow: pip install pyarrow (or slimtune[data])") from None
     import pyarrow as pa
 
     try:
@@ -174,8 +175,8 @@ def _read_hub(name: str, split: str, subset: str | None) -> Iterator[RawRow]:
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"data.path={name!r} is not a local file, so it is read as a hub dataset, which needs "
-                          "the 'datasets' package: pip install datasets (or slimtune[data])") from None
+        raise MissingDependency(f"data.path={name!r} is not a local file, so it is read as a hub dataset, "
+                                "which needs the 'datasets' package: pip install datasets (or slimtune[data])") from None
     try:
         table = datasets.load_dataset(name, name=subset, split=split)
     except Exception as exc:  # network, auth, missing split: all surface as one clear message

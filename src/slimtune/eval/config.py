@@ -15,7 +15,7 @@ class EvalConfig:
     model: str
     """Base model: a folder in Hugging Face format, a hub name or slimtune:smollm2-135m-instruct."""
     data: str
-    """Held-out rows: a .json/.jsonl/.csv/.parquet file, a hub name, or slimtune:<name> (its eval split)."""
+    """Held-out rows: a .json/.jsonl/.csv/.parquet file, a hub name, or `slimtune:<name>` (its eval split)."""
     output: str
     """Folder for metrics.json, samples.jsonl, report.md and chart.png (created)."""
     adapter: str | None = None

@@ -14,6 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from slimtune.errors import MissingDependency
+
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
 TOKEN = re.compile(rf"[{_CJK}]|(?:(?![{_CJK}])[^\W_])+")
 """One CJK character, or a run of letters/digits that holds no CJK character."""
@@ -81,8 +83,8 @@ def score_corpus(hypotheses: Sequence[str], references: Sequence[str], bleu_toke
         import sacrebleu
         from rouge_score import rouge_scorer
     except ImportError as err:
-        raise ImportError(f"generation metrics need sacrebleu and rouge-score ({err.name} is missing): "
-                          "pip install 'slimtune[eval]'") from None
+        raise MissingDependency(f"generation metrics need sacrebleu and rouge-score ({err.name} is missing): "
+                                "pip install 'slimtune[eval]'") from None
     tokenize = bleu_tokenize or bleu_tokenizer(references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), tokenizer=MixedTokenizer())
     samples = []

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimtune.errors import MissingDependency
 from slimtune.models import refuse_remote_tokenizer
 
 OUTTYPES = ("f16", "q8_0", "f32")
@@ -85,7 +86,7 @@ def _import_gguf() -> Any:
     try:
         import gguf
     except ImportError:
-        raise ImportError("GGUF export needs the 'gguf' package: pip install gguf (or slimtune[gguf])") from None
+        raise MissingDependency("GGUF export needs the 'gguf' package: pip install gguf (or slimtune[gguf])") from None
     return gguf
 
 

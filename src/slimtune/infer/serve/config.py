@@ -62,7 +62,7 @@ class ServeConfig:
             raise ValueError("--api-key must be at least 8 characters")
         if not self.is_local and self.api_key is None and not self.allow_public_without_key:
             raise ValueError(f"--host {self.host} exposes the server beyond this machine; set --api-key (or "
-                             "allow_public_without_key when a proxy authenticates)")
+                             "--allow-public-without-key when a proxy authenticates)")
 
     @property
     def is_local(self) -> bool:

@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from slimtune.methods._common import adapter_placement, trainable_biases, wrap_linear
+from slimtune.adapter_layer import trainable_biases
 from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocate
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter, adapters_of
 from slimtune.methods.adalora.state import kept_triplets, load_run_state, run_state, to_file
 from slimtune.methods.spec import MethodSpec, RunStateHooks
-from slimtune.quant.linear4bit import Linear4bit
 from slimtune.targeting import default_targets, find_targets
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
                          skip=config.modules_to_save or ())
     kept = kept_triplets(config, adapter_name)
     for name in names:
-        layer = wrap_linear(model, name, config, AdaLoraLayer, "AdaLoRA")
+        layer = AdaLoraLayer.wrap(model, name, config)
         in_features, out_features = layer.features()
         pattern = kept.get(f"{name}.lora_E")
         r = config.init_r if pattern is None else sum(pattern)
@@ -66,9 +65,8 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_
         ranknum = config.init_r if (pattern is not None and r > 0) else None
         adapter = SVDAdapter(in_features, out_features, r, config.lora_alpha, config.lora_dropout,
                              config.init_lora_weights, ranknum)
-        device, dtype = adapter_placement(layer.base_layer, isinstance(layer.base_layer, Linear4bit),
-                                          autocast_adapter_dtype)
-        layer.add(adapter_name, adapter.to(device=device, dtype=dtype).train(layer.base_layer.training))
+        device, dtype = layer.placement(autocast_adapter_dtype)
+        layer.add(adapter_name, adapter.to(device=device, dtype=dtype))
 
 
 def on_step(model: nn.Module, config: AdaLoraConfig, adapter_name: str, global_step: int) -> None:

@@ -18,7 +18,7 @@ import warnings
 from typing import ClassVar
 
 from slimtune.config import PeftConfig, PeftType
-from slimtune.methods._common import check_alpha_dropout_bias
+from slimtune.methods.lora.config import check_alpha_dropout_bias
 
 
 @dataclasses.dataclass

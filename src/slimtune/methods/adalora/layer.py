@@ -26,15 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import (
-    activate,
-    base_layer_attribute,
-    delete_adapter,
-    linear_features,
-    plain_linear,
-    to_merge,
-)
-from slimtune.quant.linear4bit import Linear4bit
+from slimtune.adapter_layer import AdapterLayerBase
 
 _TRIPLET = ("lora_A", "lora_B", "lora_E")
 
@@ -127,73 +119,34 @@ class SVDAdapter(nn.Module):
                 "callbacks=[slimtune.methods.adalora.AdaLoraCallback()]", stacklevel=4)
 
 
-class AdaLoraLayer(nn.Module):
+class AdaLoraLayer(AdapterLayerBase):
     """A base layer plus named AdaLoRA adapters (see adapter_layer.AdapterLayer)."""
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.fan_in_fan_out = fan_in_fan_out
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-
-    def features(self) -> tuple[int, int]:
-        """(in_features, out_features) of the base layer."""
-        return linear_features(self.base_layer, self.fan_in_fan_out)
-
-    # ---- AdapterLayer protocol ------------------------------------------------------------------
-    def add(self, name: str, adapter: SVDAdapter) -> None:
-        self.adapters[name] = adapter
-
-    def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = activate(self.adapters, names, trainable)
-
-    def delete(self, name: str) -> None:
-        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
+    method = "AdaLoRA"
 
     def _stored(self, delta: torch.Tensor) -> torch.Tensor:
         """A delta (out, in) in the layout of the stored weight."""
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self, names: list[str]) -> None:
-        if isinstance(self.base_layer, Linear4bit):
-            raise ValueError(
-                "cannot merge AdaLoRA into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
-                "dequantizes the base and merges in the compute dtype"
-            )
+    # ---- merging (AdapterLayerBase) -----------------------------------------------------------
+    def merge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        for name in to_merge(names, self.adapters, self.merged):
-            weight.data += self._stored(self.adapters[name].delta_weight()).to(weight.dtype)
-            self.merged.append(name)
+        weight.data += self._stored(self.adapters[name].delta_weight()).to(weight.dtype)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerge_one(self, name: str) -> None:
         weight = self.base_layer.weight
-        while self.merged:
-            weight.data -= self._stored(self.adapters[self.merged.pop()].delta_weight()).to(weight.dtype)
+        weight.data -= self._stored(self.adapters[name].delta_weight()).to(weight.dtype)
 
-    @torch.no_grad()
-    def unloaded(self, merge: bool) -> nn.Module:
-        """The base module to put back; with merge=True the active adapters are folded in first."""
-        base = self.base_layer
-        if merge and isinstance(base, Linear4bit):
-            weight = base.dequantize().float()
-            for name in self.active:
-                weight = weight + self.adapters[name].delta_weight().float()
-            return plain_linear(weight, base.bias, base.compute_dtype)
-        if merge:
-            self.merge([n for n in self.active if n not in self.merged])
-        return base
+    def folded(self, name: str, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weight + self.adapters[name].delta_weight().float(), bias
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
         result = self.base_layer(x, *args, **kwargs)
-        pending = [n for n in self.active if n not in self.merged]
+        pending = self.pending()
         if self.disabled or not pending:
             return result
         out_dtype = result.dtype
@@ -202,12 +155,6 @@ class AdaLoraLayer(nn.Module):
             xa = x if torch.is_autocast_enabled(x.device.type) else x.to(adapter.lora_A.dtype)
             result = result + adapter(xa)
         return result.to(out_dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        return base_layer_attribute(self, name)
-
-    def extra_repr(self) -> str:
-        return f"active={self.active}, merged={self.merged}"
 
 
 def adapters_of(model: nn.Module, adapter_name: str) -> list[tuple[str, SVDAdapter]]:

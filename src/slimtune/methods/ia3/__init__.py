@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from slimtune.methods._common import adapter_placement, wrap_linear
 from slimtune.methods.ia3.config import IA3Config
 from slimtune.methods.ia3.layer import IA3Layer, IA3Vector
 from slimtune.methods.spec import MethodSpec
-from slimtune.quant.linear4bit import Linear4bit
 from slimtune.targeting import default_targets, find_targets, pattern_fullmatch
 
 __all__ = ["IA3Config", "IA3Layer", "METHOD"]
@@ -67,12 +65,11 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str, autocast_adap
     names = find_targets(model, config.target_modules, exclude_modules=config.exclude_modules,
                          skip=config.modules_to_save or ())
     for name in names:
-        layer = wrap_linear(model, name, config, IA3Layer, "IA3")
+        layer = IA3Layer.wrap(model, name, config)
         in_features, out_features = layer.features()
         vector = IA3Vector(in_features, out_features, is_feedforward(config, name), config.init_ia3_weights)
-        device, dtype = adapter_placement(layer.base_layer, isinstance(layer.base_layer, Linear4bit),
-                                          autocast_adapter_dtype)
-        layer.add(adapter_name, vector.to(device=device, dtype=dtype).train(layer.base_layer.training))
+        device, dtype = layer.placement(autocast_adapter_dtype)
+        layer.add(adapter_name, vector.to(device=device, dtype=dtype))
 
 
 METHOD = MethodSpec(config_cls=IA3Config, inject=inject, default_targets=DEFAULT_TARGETS)

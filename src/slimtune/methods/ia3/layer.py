@@ -14,15 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import (
-    activate,
-    base_layer_attribute,
-    delete_adapter,
-    linear_features,
-    plain_linear,
-    to_merge,
-)
-from slimtune.quant.linear4bit import Linear4bit
+from slimtune.adapter_layer import AdapterLayerBase
 
 
 class IA3Vector(nn.Module):
@@ -45,86 +37,42 @@ class IA3Vector(nn.Module):
         return self.ia3_l.T if fan_in_fan_out else self.ia3_l
 
 
-class IA3Layer(nn.Module):
+class IA3Layer(AdapterLayerBase):
     """A base layer plus named (IA)^3 vectors (see adapter_layer.AdapterLayer)."""
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.fan_in_fan_out = fan_in_fan_out
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
+    method = "IA3"
 
-    def features(self) -> tuple[int, int]:
-        """(in_features, out_features) of the base layer."""
-        return linear_features(self.base_layer, self.fan_in_fan_out)
+    # ---- merging (AdapterLayerBase) -----------------------------------------------------------
+    def merge_one(self, name: str) -> None:
+        base, adapter = self.base_layer, self.adapters[name]
+        base.weight.data = (base.weight.data * adapter.as_weight_factor(self.fan_in_fan_out)).to(base.weight.dtype)
+        if not adapter.feedforward and base.bias is not None:
+            base.bias.data = (base.bias.data * adapter.ia3_l.reshape(base.bias.shape)).to(base.bias.dtype)
 
-    # ---- AdapterLayer protocol ------------------------------------------------------------------
-    def add(self, name: str, adapter: IA3Vector) -> None:
-        self.adapters[name] = adapter
+    def unmerge_one(self, name: str) -> None:
+        """Divide the vector back out (exact up to rounding; a zero entry cannot be undone)."""
+        base, adapter = self.base_layer, self.adapters[name]
+        factor = adapter.as_weight_factor(self.fan_in_fan_out)
+        if bool((factor == 0).any()):
+            warnings.warn("an (IA)^3 vector has zero entries: unmerging cannot restore those weights", stacklevel=3)
+        factor = torch.where(factor == 0, torch.ones_like(factor), factor)
+        base.weight.data = (base.weight.data / factor).to(base.weight.dtype)
+        if not adapter.feedforward and base.bias is not None:
+            base.bias.data = (base.bias.data / factor.reshape(base.bias.shape)).to(base.bias.dtype)
 
-    def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = activate(self.adapters, names, trainable)
-
-    def delete(self, name: str) -> None:
-        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
-
-    @torch.no_grad()
-    def merge(self, names: list[str]) -> None:
-        if isinstance(self.base_layer, Linear4bit):
-            raise ValueError(
-                "cannot merge (IA)^3 into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
-                "dequantizes the base and merges in the compute dtype"
-            )
-        base = self.base_layer
-        for name in to_merge(names, self.adapters, self.merged):
-            adapter = self.adapters[name]
-            base.weight.data = (base.weight.data * adapter.as_weight_factor(self.fan_in_fan_out)).to(base.weight.dtype)
-            if not adapter.feedforward and base.bias is not None:
-                base.bias.data = (base.bias.data * adapter.ia3_l.reshape(base.bias.shape)).to(base.bias.dtype)
-            self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Divide the merged vectors back out (exact up to rounding; a zero entry cannot be undone)."""
-        base = self.base_layer
-        while self.merged:
-            adapter = self.adapters[self.merged.pop()]
-            factor = adapter.as_weight_factor(self.fan_in_fan_out)
-            if bool((factor == 0).any()):
-                warnings.warn("an (IA)^3 vector has zero entries: unmerging cannot restore those weights", stacklevel=2)
-            factor = torch.where(factor == 0, torch.ones_like(factor), factor)
-            base.weight.data = (base.weight.data / factor).to(base.weight.dtype)
-            if not adapter.feedforward and base.bias is not None:
-                base.bias.data = (base.bias.data / factor.reshape(base.bias.shape)).to(base.bias.dtype)
-
-    @torch.no_grad()
-    def unloaded(self, merge: bool) -> nn.Module:
-        """The base module to put back; with merge=True the active vectors are folded in first."""
-        base = self.base_layer
-        if merge and isinstance(base, Linear4bit):
-            return self._merged_linear_from_4bit(base)
-        if merge:
-            self.merge([n for n in self.active if n not in self.merged])
-        return base
-
-    def _merged_linear_from_4bit(self, base: Linear4bit) -> nn.Linear:
-        weight = base.dequantize().float()  # (out, in)
-        bias = None if base.bias is None else base.bias.float()
-        for name in self.active:
-            adapter = self.adapters[name]
-            weight = weight * adapter.ia3_l.float()
-            if not adapter.feedforward and bias is not None:
-                bias = bias * adapter.ia3_l.float().view(-1)
-        return plain_linear(weight, bias, base.compute_dtype)
+    def folded(self, name: str, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        adapter = self.adapters[name]
+        weight = weight * adapter.ia3_l.float()  # (out, 1) or (1, in) against (out, in)
+        if not adapter.feedforward and bias is not None:
+            bias = bias * adapter.ia3_l.float().view(-1)
+        return weight, bias
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
-        pending = [self.adapters[n] for n in self.active if n not in self.merged]
+        pending = [self.adapters[n] for n in self.pending()]
         if self.disabled or not pending:
             return self.base_layer(x, *args, **kwargs)
         in_scale = _product([a.ia3_l for a in pending if a.feedforward])    # (in,)
@@ -135,12 +83,6 @@ class IA3Layer(nn.Module):
         if out_scale is not None:
             result = (result * out_scale).to(result.dtype)
         return result
-
-    def __getattr__(self, name: str) -> Any:
-        return base_layer_attribute(self, name)
-
-    def extra_repr(self) -> str:
-        return f"active={self.active}, merged={self.merged}"
 
 
 def _product(vectors: list[torch.Tensor]) -> torch.Tensor | None:

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 from torch import nn
 
-from slimtune.methods._common import adapter_placement, trainable_biases
+from slimtune.adapter_layer import is_4bit, trainable_biases
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
-from slimtune.methods.lora.config import LoraConfig, _pissa_iters
-from slimtune.methods.lora.layer import LoraLayer, _is_4bit
+from slimtune.methods.lora.config import LoraConfig, pissa_iters
+from slimtune.methods.lora.layer import LoraLayer
 from slimtune.methods.spec import MethodSpec
-from slimtune.targeting import default_targets, find_targets, is_linear_like
+from slimtune.targeting import default_targets, find_targets
 
 __all__ = ["LoraConfig", "LoraLayer", "METHOD"]
 
@@ -24,24 +22,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
     **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")},
 }
-
-
-def _wrap(model: nn.Module, name: str, config: LoraConfig) -> LoraLayer:
-    module = model.get_submodule(name)
-    if isinstance(module, LoraLayer):
-        return module
-    if not (is_linear_like(module) or isinstance(module, nn.Embedding)):
-        raise ValueError(
-            f"LoRA cannot adapt module {name!r} of type {type(module).__name__}; supported layer types: "
-            "nn.Linear, Conv1D (GPT-2), Linear4bit, nn.Embedding"
-        )
-    fan_in_fan_out = type(module).__name__ == "Conv1D"
-    if config.fan_in_fan_out != fan_in_fan_out and not isinstance(module, nn.Embedding):
-        warnings.warn(f"{name}: {type(module).__name__} uses fan_in_fan_out={fan_in_fan_out}; using that", stacklevel=3)
-    layer = LoraLayer(module, fan_in_fan_out=fan_in_fan_out)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
-    return layer
 
 
 def _make_adapter(layer: LoraLayer, name: str, config: LoraConfig) -> LoraLinearAdapter | LoraEmbeddingAdapter:
@@ -62,25 +42,25 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     names = find_targets(model, targets, exclude_modules=config.exclude_modules,
                          layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
                          skip=config.modules_to_save or ())
-    niter = _pissa_iters(config.init_lora_weights)
+    niter = pissa_iters(config.init_lora_weights)
     for name in names:
-        layer = _wrap(model, name, config)
+        layer = LoraLayer.wrap(model, name, config)
         adapter = _make_adapter(layer, name, config)
         adapter.reset(config.init_lora_weights)
         if niter is not None:
             _pissa(layer, adapter, niter, name)
-        device, dtype = adapter_placement(layer.base_layer, _is_4bit(layer.base_layer), autocast_adapter_dtype)
+        device, dtype = layer.placement(autocast_adapter_dtype)
         adapter.to(device=device)  # DoRA's norm is taken where the base weight lives (a GPU, usually)
         if config.use_dora:
             adapter.init_dora(layer.base_weight().to(device))
-        layer.add(adapter_name, adapter.to(dtype=dtype).train(layer.base_layer.training))
+        layer.add(adapter_name, adapter.to(dtype=dtype))
 
 
 def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) -> None:
-    if layer.is_embedding or _is_4bit(layer.base_layer):
+    if layer.is_embedding or is_4bit(layer.base_layer):
         raise ValueError(f"{name}: PiSSA init needs a full-precision linear layer (not an embedding or 4-bit layer)")
     residual = adapter.pissa(layer.base_weight(), niter)
-    layer._write_weight(residual)
+    layer.write_weight(residual)
 
 
 METHOD = MethodSpec(config_cls=LoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 from slimtune.config import PeftConfig, PeftType
-from slimtune.methods._common import check_alpha_dropout_bias
 from slimtune.targeting import check_pattern, pattern_fullmatch
 
 INIT_CHOICES = "True, False, 'gaussian', 'pissa' or 'pissa_niter_<k>'"
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+class LoraFields(Protocol):
+    """The LoRA fields that AdaLoraConfig keeps and checks the same way."""
+
+    lora_alpha: float
+    lora_dropout: float
+    bias: str
 
 
 @dataclasses.dataclass
@@ -55,7 +63,7 @@ class LoraConfig(PeftConfig):
         _check_rank("r", self.r)
         check_alpha_dropout_bias(self)
         init = self.init_lora_weights
-        if not (isinstance(init, bool) or init == "gaussian" or _pissa_iters(init) is not None):
+        if not (isinstance(init, bool) or init == "gaussian" or pissa_iters(init) is not None):
             raise ValueError(f"init_lora_weights={init!r} is not valid; allowed: {INIT_CHOICES}")
         for field in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, field)
@@ -82,12 +90,22 @@ class LoraConfig(PeftConfig):
         return r, alpha
 
 
+def check_alpha_dropout_bias(config: LoraFields) -> None:
+    """lora_alpha > 0, lora_dropout in [0, 1), bias one of BIAS_CHOICES (LoRA's fields, which AdaLoRA keeps)."""
+    if not config.lora_alpha > 0:
+        raise ValueError(f"lora_alpha={config.lora_alpha!r} must be > 0")
+    if not 0.0 <= config.lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout={config.lora_dropout!r} must be in [0, 1)")
+    if config.bias not in BIAS_CHOICES:
+        raise ValueError(f"bias={config.bias!r} is not valid; allowed: {', '.join(BIAS_CHOICES)}")
+
+
 def _check_rank(field: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{field}={value!r} must be a positive integer")
 
 
-def _pissa_iters(init: object) -> int | None:
+def pissa_iters(init: object) -> int | None:
     """0 for exact-SVD 'pissa', k for 'pissa_niter_k' (randomized SVD), None if not a PiSSA init."""
     if init == "pissa":
         return 0

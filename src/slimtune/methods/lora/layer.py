@@ -12,41 +12,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimtune.adapter_layer import (
-    activate,
-    base_layer_attribute,
-    delete_adapter,
-    linear_features,
-    plain_linear,
-    to_merge,
-)
-from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
+from slimtune.adapter_layer import AdapterLayerBase, is_4bit, linear_features
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    return hasattr(module, "dequantize") and type(module).__name__ == "Linear4bit"
-
-
-class LoraLayer(nn.Module):
+class LoraLayer(AdapterLayerBase):
     """A base layer plus named LoRA adapters (see adapter_layer.AdapterLayer)."""
 
+    method = "LoRA"
+    layer_types = "nn.Linear, Conv1D (GPT-2), Linear4bit, nn.Embedding"
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
-        self.fan_in_fan_out = fan_in_fan_out
+        super().__init__(base_layer, fan_in_fan_out)
         self.is_embedding = isinstance(base_layer, nn.Embedding)
-        self.active: list[str] = []
-        self.merged: list[str] = []
         self._dora_norms: dict[str, torch.Tensor | None] = {}
-        self.disabled = False
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return super().accepts(module) or isinstance(module, nn.Embedding)
 
     # ---- shape of the base weight, seen as (out, in) --------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in) for linear layers, (num_embeddings, dim) for embeddings."""
         base = self.base_layer
-        weight = base.dequantize() if _is_4bit(base) else base.weight
+        weight = base.dequantize() if is_4bit(base) else base.weight
         return weight.T if self.fan_in_fan_out else weight
+
+    def write_weight(self, weight: torch.Tensor) -> None:
+        """Store `weight`, seen as base_weight() sees it, into the base layer (in its layout and dtype)."""
+        target = self.base_layer.weight
+        target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
 
     def features(self) -> tuple[int, int]:
         base = self.base_layer
@@ -54,54 +48,20 @@ class LoraLayer(nn.Module):
             return base.num_embeddings, base.embedding_dim
         return linear_features(base, self.fan_in_fan_out)
 
-    # ---- AdapterLayer protocol ------------------------------------------------------------------
-    def add(self, name: str, adapter: LoraLinearAdapter | LoraEmbeddingAdapter) -> None:
-        self.adapters[name] = adapter
+    # ---- merging (AdapterLayerBase) -----------------------------------------------------------
+    def merge_one(self, name: str) -> None:
+        weight = self.base_weight()
+        delta, norm = self.adapters[name].delta_weight(weight)
+        self.write_weight(weight.float() + delta)
+        self._dora_norms[name] = norm
 
-    def set_active(self, names: list[str], trainable: bool) -> None:
-        self.active = activate(self.adapters, names, trainable)
+    def unmerge_one(self, name: str) -> None:
+        self.write_weight(self.adapters[name].undo_delta(self.base_weight(), self._dora_norms.pop(name)))
 
-    def delete(self, name: str) -> None:
-        self.active = delete_adapter(self.adapters, name, self.active, self.merged)
-
-    @torch.no_grad()
-    def merge(self, names: list[str]) -> None:
-        if _is_4bit(self.base_layer):
-            raise ValueError(
-                "cannot merge into a 4-bit layer without re-quantizing it; use merge_and_unload(), which "
-                "dequantizes the base and merges in the compute dtype"
-            )
-        for name in to_merge(names, self.adapters, self.merged):
-            weight = self.base_weight()
-            delta, norm = self.adapters[name].delta_weight(weight)
-            self._write_weight(weight.float() + delta)
-            self._dora_norms[name] = norm
-            self.merged.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        while self.merged:
-            name = self.merged.pop()
-            original = self.adapters[name].undo_delta(self.base_weight(), self._dora_norms.pop(name))
-            self._write_weight(original)
-
-    def _write_weight(self, weight: torch.Tensor) -> None:
-        target = self.base_layer.weight
-        target.data.copy_((weight.T if self.fan_in_fan_out else weight).to(target.dtype))
-
-    @torch.no_grad()
-    def unloaded(self, merge: bool) -> nn.Module:
-        """The base module to put back; with merge=True the active adapters are folded in first."""
-        base = self.base_layer
-        if merge and _is_4bit(base):
-            weight = base.dequantize().float()
-            for name in self.active:
-                delta, _ = self.adapters[name].delta_weight(weight)
-                weight = weight + delta
-            return plain_linear(weight, base.bias, base.compute_dtype)
-        if merge:
-            self.merge([n for n in self.active if n not in self.merged])
-        return base
+    def folded(self, name: str, weight: torch.Tensor,
+               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        delta, _ = self.adapters[name].delta_weight(weight)
+        return weight + delta, bias
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -112,7 +72,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
-        pending = [n for n in self.active if n not in self.merged]
+        pending = self.pending()
         if not pending:
             return result
         if self.is_embedding:
@@ -146,7 +106,7 @@ class LoraLayer(nn.Module):
                 not isinstance(adapter.lora_dropout, nn.Identity) and adapter.lora_dropout.training):
             return False
         base = self.base_layer
-        if _is_4bit(base):
+        if is_4bit(base):
             return dtype == base.compute_dtype
         return type(base) is nn.Linear and not base.weight.requires_grad and (autocast or dtype == base.weight.dtype)
 
@@ -158,7 +118,7 @@ class LoraLayer(nn.Module):
         from slimtune.kernels.lora_mlp import Projection
 
         adapter, base = self.adapters[self.active[0]], self.base_layer
-        state = base.quant_state if _is_4bit(base) else None
+        state = base.quant_state if is_4bit(base) else None
         return Projection(base.weight, state, base.bias, adapter.lora_A.weight, adapter.lora_B.weight,
                           adapter.scaling)
 
@@ -169,9 +129,3 @@ class LoraLayer(nn.Module):
         bias = None if p.bias is None else p.bias.to(x.dtype)
         out = lora_linear(x, p.weight, p.lora_a, p.lora_b, p.scaling, bias, p.state)
         return out.to(x.dtype) if p.state is not None else out  # Linear4bit answers in x's dtype, nn.Linear in autocast's
-
-    def __getattr__(self, name: str) -> Any:
-        return base_layer_attribute(self, name)
-
-    def extra_repr(self) -> str:
-        return f"active={self.active}, merged={self.merged}"

@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/gpu_multi}
 BUDGET_S=${BUDGET_S:-285}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SLIMTUNE_DIST_TEST_DEVICE=cuda
-BENCH=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m slimtune.train.dist_bench)
+BENCH=(python3 -m torch.distributed.run --standalone --nproc_per_node 2 -m slimtune.bench.distributed)
 left() { echo $((BUDGET_S - SECONDS)); }
 
 python3 -c "import torch, transformers as t; print('torch', torch.__version__, '| transformers', t.__version__, '|',

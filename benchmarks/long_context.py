@@ -4,7 +4,7 @@ Random weights, slimtune NF4 + double quantization, LoRA r16 alpha16 on all seve
 bf16, one full step of slimtune's own loop (Trainer.train_step: forward + backward + AdamW) with
 gradient checkpointing, train.offload_checkpoints (layer inputs in pinned host memory), the loss from
 hidden states (chunked LM-head cross-entropy) and the sequence-chunked MLP recompute
-(train/seq_chunk.py). The card is capped at --cap-gib (80: an H100's memory) with
+(bench/seq_chunk.py). The card is capped at --cap-gib (80: an H100's memory) with
 torch.cuda.set_per_process_memory_fraction; SDPA is limited to flash / memory-efficient attention
 (O(T) memory: transformers passes is_causal and no mask for an unpadded batch), so a math fallback
 fails instead of allocating T x T.
@@ -82,8 +82,8 @@ def build(preset: str, layers: int, seq: int, device: torch.device, mlp_chunk: i
     """The preset's shape with `layers` decoder layers, 4-bit projections, LoRA r16 on all seven."""
     from slimtune import LoraConfig, enable_fast_path, get_peft_model, prepare_model_for_kbit_training
     from slimtune.bench.models import PRESETS, PROJECTIONS, build_llama, slimtune_quantizer
+    from slimtune.bench.seq_chunk import chunk_mlps
     from slimtune.methods.lora.layer import LoraLayer
-    from slimtune.train.seq_chunk import chunk_mlps
 
     name = f"{preset}-{layers}l"
     PRESETS[name] = {**PRESETS[preset], "num_hidden_layers": layers}  # our own table: a shallower copy
@@ -93,7 +93,7 @@ def build(preset: str, layers: int, seq: int, device: torch.device, mlp_chunk: i
     if mlp_chunk:
         chunk_mlps(model, mlp_chunk)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
-    for layer in model.modules():  # see bench/training.py (_wrap_slimtune): Python 3.12 Protocols
+    for layer in model.modules():  # see bench/training.py (wrap_slimtune): Python 3.12 Protocols
         if isinstance(layer, LoraLayer):
             layer.set_active(["default"], trainable=True)
     enable_fast_path(model)

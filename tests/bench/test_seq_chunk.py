@@ -1,5 +1,5 @@
-"""Sequence-chunked MLP recompute (#7 long context): same loss and LoRA gradients as the plain MLP, with
-gradient checkpointing and checkpoint offload on, and fewer positions per MLP call."""
+"""bench/seq_chunk.py, sequence-chunked MLP recompute for long context: same loss and LoRA gradients as the
+plain MLP, with gradient checkpointing and checkpoint offload on, and fewer positions per MLP call."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from tiny_run import build_llama
 
+from slimtune.bench.seq_chunk import SequenceChunkedMLP, chunk_mlps
 from slimtune.train.methods import build_peft_config, prepare_model, trainable_parameters
 from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.rng import seed_everything
-from slimtune.train.seq_chunk import SequenceChunkedMLP, chunk_mlps
 
 
 def _lora_llama() -> torch.nn.Module:

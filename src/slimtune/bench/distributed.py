@@ -1,10 +1,11 @@
 """QLoRA throughput of data-parallel training on random-weight Llama shapes: 1 GPU vs N (DDP or FSDP2).
 
-    torchrun --standalone --nproc_per_node 2 -m slimtune.train.dist_bench --preset 8b --strategy ddp
+    torchrun --standalone --nproc_per_node 2 -m slimtune.bench.distributed --preset 8b --strategy ddp
 
 Every rank trains its own `--batch` sequences of `--seq` random tokens per step (weak scaling: the
 global batch grows with N), so tokens/s = batch x seq x N / step time; memory is each GPU's peak.
-One JSON line per run is printed by rank 0 (and appended to --out). Models come from slimtune.bench.
+One JSON line per run is printed by rank 0 (and appended to --out). Models: bench/models.py; the
+sharding and process group: train/distributed.py, as `slimtune train` uses them.
 """
 
 from __future__ import annotations
@@ -19,35 +20,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from slimtune.bench.models import build_llama, slimtune_quantizer
+from slimtune.bench.training import slimtune_loss, wrap_slimtune
 from slimtune.train.distributed import fully_shard_model, setup, teardown, world_size
 
 
 class LossModel(nn.Module):
-    """Wraps a PEFT-wrapped causal LM: forward(ids) -> mean next-token loss (chunked, no full logits)."""
+    """Wraps a PEFT-wrapped causal LM: forward(ids) -> mean next-token loss (bench.training.slimtune_loss)."""
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
         self.peft_model = peft_model
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        from slimtune.kernels import chunked_linear_cross_entropy
-
-        base = self.peft_model.get_base_model()
-        hidden = base.model(input_ids=ids).last_hidden_state  # (B, T, C)
-        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-        total, count = chunked_linear_cross_entropy(h, base.lm_head.weight, ids[:, 1:].reshape(-1))
-        return total / count
+        return slimtune_loss(self.peft_model, ids)
 
 
 def build(preset: str, device: torch.device, checkpointing: bool, seq: int) -> LossModel:
-    from slimtune.bench.models import build_llama, slimtune_quantizer
-    from slimtune.bench.training import _wrap_slimtune
-
     model = build_llama(preset, device, torch.bfloat16, slimtune_quantizer, max_positions=max(seq, 64))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return LossModel(_wrap_slimtune(model))
+    return LossModel(wrap_slimtune(model))
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""Sequence-chunked MLP recompute: a long sequence's MLP working set, one chunk at a time.
+"""Sequence-chunked MLP recompute: a long sequence's MLP working set, one chunk at a time (benchmarks/long_context.py;
+no run config sets it).
 
 A Llama MLP down(silu(gate(x)) * up(x)) keeps four (B, T, F) tensors for backward: at T = 350k tokens
 and F = 14336 in bf16 that is 4 x 9.3 GiB inside one checkpointed layer, more than the rest of the
@@ -8,7 +9,7 @@ with autograd, back-propagates it (the MLP's trainable weights accumulate their 
 under reentrant checkpointing) and frees it before the next. Backward then holds one chunk's
 intermediates (4 x B x chunk x F) instead of the whole sequence's, for one more MLP forward. The MLP
 must be deterministic (no dropout) and position-wise. Values and gradients equal the plain MLP's
-(tests/train/test_seq_chunk.py). It nests inside the layer's non-reentrant checkpoint, which saves x.
+(tests/bench/test_seq_chunk.py). It nests inside the layer's non-reentrant checkpoint, which saves x.
 
     chunk_mlps(model, chunk=16384)   # wraps every decoder layer's `mlp`; returns how many
 """

@@ -28,6 +28,7 @@ from slimtune.data.formats import Sample, Turn
 from slimtune.data.templates import ChatTemplate, render
 
 IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt, padding, packing boundaries); the one home of this value."""
 Example = dict[str, list[int]]
 
 

@@ -32,6 +32,7 @@ cuBLAS on the bf16 weight (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -43,7 +44,7 @@ from slimtune.kernels.nf4_dequant import absmax_args, load_absmax
 from slimtune.quant.nf4 import block_absmax, dequantize_4bit
 from slimtune.quant.state import QuantState
 
-__all__ = ["matmul_4bit_triton", "matmul_4bit_reference", "supports", "MAX_ROWS", "pick_config"]
+__all__ = ["matmul_4bit_triton", "matmul_4bit_reference", "supports", "MAX_ROWS", "pick_config", "sm_count"]
 
 MAX_ROWS = 16
 
@@ -282,11 +283,17 @@ def supports(x: torch.Tensor, state: QuantState) -> bool:
             and x.dtype in (torch.bfloat16, torch.float16))
 
 
-def pick_config(m: int, n: int, k: int) -> dict[str, int]:
-    """Tile sizes for (m, n, k); see Note: decode routing in nf4_routing.py for the measurements."""
+@functools.cache
+def sm_count(device: torch.device | int | None = None) -> int:
+    """Streaming multiprocessors of a CUDA device (132 on an H100/H200 SXM), read once per device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(m: int, n: int, k: int, sms: int = 132) -> dict[str, int]:
+    """Tile sizes for (m, n, k) on a card with `sms` SMs; see Note: decode routing in nf4_routing.py."""
     cfg = dict(BLOCK_M=1, BLOCK_N=2, BLOCK_KW=256) if m == 1 else dict(BLOCK_M=4, BLOCK_N=1, BLOCK_KW=128)
     split_k = 1
-    while -(-n // cfg["BLOCK_N"]) * split_k < 528 and split_k < 8 and k // 8 >= 2 * cfg["BLOCK_KW"] * split_k:
+    while -(-n // cfg["BLOCK_N"]) * split_k < 4 * sms and split_k < 8 and k // 8 >= 2 * cfg["BLOCK_KW"] * split_k:
         split_k *= 2  # fewer than 4 programs per SM: share K
     return dict(cfg, SPLIT_K=split_k, num_warps=4, num_stages=1)
 
@@ -344,7 +351,7 @@ def matmul_4bit_triton(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if x2.stride(-1) != 1 or x2.stride(0) % 4 or x2.data_ptr() % 8:
         x2 = x2.contiguous()  # read as int64 (4 values), see _row_dot
     m = x2.shape[0]
-    cfg = dict(config or pick_config(m, n, k))
+    cfg = dict(config or pick_config(m, n, k, sm_count(x.device)))
     split_k = cfg.pop("SPLIT_K", 1)
     block_m = cfg.pop("BLOCK_M", min(4, triton.next_power_of_2(m)))
     if split_k == 1:

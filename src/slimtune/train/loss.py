@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (prompt, padding, packing boundaries)."""
+from slimtune.data.tokenize import IGNORE_INDEX
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor,

@@ -279,3 +279,19 @@ def _load_without_weights(tiny: Path) -> None:
     with tempfile.TemporaryDirectory() as d:
         shutil.copy(tiny / "config.json", d)
         load_model(d, device="cpu")
+
+
+def test_device_map_naming_one_device_is_honoured(tiny):
+    model = load_model(tiny, compute_dtype=torch.float32, device_map={"": "cpu"})
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device_map="auto"), "device_map='auto' is refused"),
+    (dict(device_map={"a": "cpu", "b": "cuda:0"}), "one device"),
+    (dict(device="cpu", device_map="cuda:0"), "disagree"),
+    (dict(low_cpu_mem_usage=True), r"unknown keyword\(s\) \['low_cpu_mem_usage'\]"),
+])
+def test_unknown_keywords_and_spreading_device_maps_are_refused(tiny, kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        load_model(tiny, compute_dtype=torch.float32, **kwargs)

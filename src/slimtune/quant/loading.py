@@ -63,17 +63,23 @@ def load_model(
         skip_modules: linear layers kept unquantized, by full name or last name component.
         load_in_4bit, quantization_config: the transformers/bitsandbytes spelling of the same
             settings (a dict or BitsAndBytesConfig); its keys override the arguments above.
-        **kwargs: `revision` goes to AutoConfig, `attn_implementation` to the model; `dtype`/`torch_dtype`
-            are read as compute_dtype. A true trust_remote_code is refused: no code from a model folder runs.
+        **kwargs: `revision`, `token`, `cache_dir` go to the hub download, `revision` to AutoConfig,
+            `attn_implementation` to the model; `dtype`/`torch_dtype` are read as compute_dtype; `device_map`
+            naming one device is read as `device` (a map that spreads the model is refused). Any other
+            keyword is refused with a TypeError. A true trust_remote_code is refused: no code from a model folder runs.
     """
     for key in ("dtype", "torch_dtype"):
         if key in kwargs and kwargs[key] not in (None, "auto"):
             compute_dtype = parse_dtype(kwargs.pop(key), key)
         kwargs.pop(key, None)
-    kwargs.pop("device_map", None)  # one device; the placement is `device`
+    device = _single_device(kwargs.pop("device_map", None), device)
     if kwargs.pop("trust_remote_code", False):
         raise ValueError("trust_remote_code is refused: slimtune never runs code shipped with a model; load models whose "
                          "architecture transformers implements")
+    unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
+    if unknown:
+        raise TypeError(f"load_model: unknown keyword(s) {unknown}; allowed: {sorted(_KNOWN_KWARGS)}, device_map "
+                        f"(one device), dtype/torch_dtype, trust_remote_code=False")
     options = resolve_options(
         quantization, double_quant, compute_dtype, blocksize, skip_modules, load_in_4bit, quantization_config
     )
@@ -94,6 +100,24 @@ def load_model(
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_KNOWN_KWARGS = frozenset({"revision", "token", "cache_dir", "attn_implementation"})
+
+
+def _single_device(device_map: Any, device: torch.device | str | None) -> torch.device | str | None:
+    """The one device a `device_map` names ("cpu", "cuda:0", 0, or {"": dev}); a map that spreads the model is refused."""
+    if device_map is None:
+        return device
+    values = set(map(str, device_map.values())) if isinstance(device_map, dict) else {str(device_map)}
+    if len(values) != 1 or values & {"auto", "balanced", "balanced_low_0", "sequential", "disk", "meta"}:
+        raise ValueError(f"load_model: device_map={device_map!r} is refused: slimtune keeps a model on one device; "
+                         f"pass one device (device_map='cuda:0' or device='cuda:0')")
+    (only,) = values
+    target = f"cuda:{only}" if only.isdigit() else only
+    if device is not None and torch.device(device) != torch.device(target):
+        raise ValueError(f"load_model: device={device!r} and device_map={device_map!r} disagree; pass one of them")
+    return target
 
 
 def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

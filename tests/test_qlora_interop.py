@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import slimtune
+from slimtune.peft_model import count_parameters
 from slimtune.quant import Linear4bit, load_model
 
 pytest.importorskip("bitsandbytes")
@@ -101,3 +102,17 @@ def test_qlora_trains_only_the_adapter(checkpoint):
     assert losses[-1] < losses[0] - 0.5, losses
     packed_after = [b for m in model.modules() if isinstance(m, Linear4bit) for b in m.buffers()]
     assert all(torch.equal(a, b) for a, b in zip(packed_before, packed_after))
+
+
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_trainable_parameter_count_matches_peft_on_bitsandbytes(checkpoint, storage):
+    theirs = peft.get_peft_model(_bnb(checkpoint), peft.LoraConfig(**LORA)).get_nb_trainable_parameters()
+    ours = slimtune.get_peft_model(load_model(checkpoint, quantization="nf4", compute_dtype=torch.float32,
+                                              device="cpu"), slimtune.LoraConfig(**LORA))
+    for m in ours.modules():
+        if isinstance(m, Linear4bit):
+            m.set_quant_storage(storage)
+    assert ours.get_nb_trainable_parameters() == theirs
+    plain = slimtune.get_peft_model(load_model(checkpoint, quantization=None, compute_dtype=torch.float32,
+                                               device="cpu"), slimtune.LoraConfig(**LORA))
+    assert count_parameters(ours) == count_parameters(plain) == theirs  # 4-bit total = unquantized total

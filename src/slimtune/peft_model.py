@@ -39,6 +39,7 @@ from slimtune import adapter_io
 from slimtune.adapter_layer import ModulesToSave, is_adapter_layer
 from slimtune.config import PeftConfig, TaskType
 from slimtune.methods.spec import MethodSpec, PromptHooks
+from slimtune.quant.linear4bit import Linear4bit
 from slimtune.quant.saving import update_quantization_config
 from slimtune.registry import get_method
 from slimtune.targeting import find_targets
@@ -320,16 +321,8 @@ class PeftModel(nn.Module):
 
     # ---- trainable parameters -----------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total); a packed 4-bit byte counts as two parameters, as in peft."""
-        trainable = total = 0
-        for param in self.parameters():
-            n = param.numel() * (2 if param.dtype == torch.uint8 else 1)
-            total += n
-            trainable += n if param.requires_grad else 0
-        for module in self.modules():
-            if type(module).__name__ == "Linear4bit":
-                total += sum(b.numel() * 2 for b in module.buffers(recurse=False) if b.dtype == torch.uint8)
-        return trainable, total
+        """(trainable, total), counted as peft counts them (see count_parameters)."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -486,3 +479,19 @@ def adapter_errors(source: str | os.PathLike) -> Iterator[None]:
             raise
         raise ValueError(f"{source}: the adapter does not fit in memory ({str(err).strip().splitlines()[0]}); "
                          "lower r (or num_virtual_tokens)") from None
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of any model, as peft counts them.
+
+    A packed 4-bit weight counts its 4-bit values: two per stored byte, whatever dtype holds the bytes
+    (uint8, or bf16/fp32 after `Linear4bit.set_quant_storage`), so a QLoRA model has the total of its
+    unquantized twin. Absmax scales and other quantization state are not parameters and are not counted.
+    """
+    packed = {id(m.weight) for m in model.modules() if isinstance(m, Linear4bit)}
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel() * param.element_size() * 2 if id(param) in packed else param.numel()
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total

@@ -25,7 +25,7 @@ from torch import nn
 
 from slimtune.kernels.llama_fused import fast_modules
 from slimtune.models import refuse_remote_tokenizer, resolve_model
-from slimtune.peft_model import adapter_errors
+from slimtune.peft_model import adapter_errors, count_parameters
 from slimtune.strict_yaml import load_yaml
 from slimtune.train.card import write_model_card
 from slimtune.train.checkpoint import latest_checkpoint, write_failure
@@ -164,8 +164,7 @@ def batch_plan(cfg: RunConfig, rows: list[dict[str, list[int]]]) -> BatchPlan:
 def describe_run(console: Console, cfg: RunConfig, data: Any, model: nn.Module, device: torch.device,
                  total_steps: int) -> None:
     stats = data.stats
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = count_parameters(model)  # as peft counts: a packed 4-bit byte holds two weights
     precision = resolve_precision(cfg.train.precision, device)
     console.print(
         f"[bold]{cfg.method}[/bold] on {cfg.model}: {trainable:,} trainable of {total:,} parameters "

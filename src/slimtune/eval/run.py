@@ -17,6 +17,7 @@ from slimtune.eval.judge import Judge, summarize_pairs, summarize_scores
 from slimtune.eval.perplexity import perplexity
 from slimtune.eval.report import write_outputs
 from slimtune.eval.text_metrics import score_corpus
+from slimtune.infer.loading import LoadedModel
 
 FINETUNED = "finetuned"
 """Name the adapter is loaded under; the base model runs with adapters disabled."""
@@ -127,7 +128,7 @@ def _gen_items(samples: list[Any], tokenizer: Any, template: Any) -> list[GenIte
     return items
 
 
-def _answer(loaded: Any, items: list[GenItem], cfg: EvalConfig, adapter: str | None) -> list[str]:
+def _answer(loaded: LoadedModel, items: list[GenItem], cfg: EvalConfig, adapter: str | None) -> list[str]:
     from slimtune.infer.generation import SamplingOptions, generate
 
     options = SamplingOptions(max_new_tokens=cfg.max_new_tokens)

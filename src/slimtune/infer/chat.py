@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from slimtune.data.control_tokens import ControlTokenError
 from slimtune.infer.generation import SamplingOptions, encode_chat, generate_ids
+from slimtune.infer.loading import LoadedModel
 
 HELP = """commands:
   /adapter            show the active adapter and the loaded ones
@@ -34,7 +35,7 @@ _SETTABLE: dict[str, Callable[[str], Any]] = {"temperature": float, "top_p": flo
 class ChatSession:
     """Holds the conversation, the sampling options and the active adapter of one chat."""
 
-    def __init__(self, loaded: Any, options: SamplingOptions | None = None, system: str | None = None,
+    def __init__(self, loaded: LoadedModel, options: SamplingOptions | None = None, system: str | None = None,
                  output: TextIO | None = None, adapter: str | None = "first") -> None:
         import sys
 

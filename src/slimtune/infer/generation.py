@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimtune.data.control_tokens import ContentGuard, encode_literal
+from slimtune.infer.loading import LoadedModel
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 """torch.manual_seed's range."""
@@ -202,7 +203,7 @@ def _finish(tokenizer: Any, row: list[int], limit: int, stop_ids: list[int], pro
     return Generation(text, tokens, reason, prompt_len)
 
 
-def generate(loaded: Any, prompts: Sequence[str], options: SamplingOptions, adapter: str | None = None,
+def generate(loaded: LoadedModel, prompts: Sequence[str], options: SamplingOptions, adapter: str | None = None,
              chat: bool = True, batch_size: int = 8) -> list[Generation]:
     """Generate for prompt texts (rendered chats when `chat`), `batch_size` rows at a time."""
     if batch_size < 1:

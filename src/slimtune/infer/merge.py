@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.infer.loading import LoadedModel
+
 DEFAULT_TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.float16: (0.1, 1e-2), torch.bfloat16: (0.5, 5e-2)}
 """(floor, fraction of the largest |logit|) of the default allowed |logit(merged) - logit(unmerged)|,
 per compute dtype; see Note: the merge check."""
@@ -121,7 +123,7 @@ def dequantize_remaining(model: nn.Module) -> int:
     return len(names)
 
 
-def _save(model: nn.Module, loaded: Any, out: Path, report: MergeReport) -> None:
+def _save(model: nn.Module, loaded: LoadedModel, out: Path, report: MergeReport) -> None:
     from transformers import AutoTokenizer
 
     tmp = out.with_name(f".tmp-{out.name}")

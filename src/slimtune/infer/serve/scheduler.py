@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from slimtune.infer.generation import SamplingOptions, generate_ids
+from slimtune.infer.loading import LoadedModel
 
 
 class Overloaded(Exception):
@@ -51,7 +52,7 @@ class Job:
 class Scheduler:
     """Owns the model; `submit` from any thread, one worker thread generates."""
 
-    def __init__(self, loaded: Any, max_queue: int, max_batch_size: int, batch_wait_s: float) -> None:
+    def __init__(self, loaded: LoadedModel, max_queue: int, max_batch_size: int, batch_wait_s: float) -> None:
         self.loaded = loaded
         self.max_queue = max_queue
         self.max_batch_size = max_batch_size

@@ -20,6 +20,7 @@ from typing import Any
 
 from slimtune.data.control_tokens import ControlTokenError
 from slimtune.infer.generation import encode, encode_chat
+from slimtune.infer.loading import LoadedModel
 from slimtune.infer.serve.config import ServeConfig
 from slimtune.infer.serve.protocol import (
     APIError,
@@ -39,7 +40,7 @@ ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}
 class Server:
     """One loaded model (with adapters) behind an OpenAI-compatible HTTP API."""
 
-    def __init__(self, loaded: Any, config: ServeConfig | None = None, start_scheduler: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, config: ServeConfig | None = None, start_scheduler: bool = True) -> None:
         self.loaded = loaded
         self.config = config or ServeConfig()
         self.scheduler = Scheduler(loaded, self.config.max_queue, self.config.max_batch_size,

@@ -5,8 +5,8 @@
 
 Rows are measured one after the other in this process (each model freed before the next is built),
 so every ratio compares two numbers from the same run on the same card (DESIGN.md, Performance
-protocol). MFU = tokens/s x flops_per_token / peak, with the measured dense bf16 peak of an H100/H200
-(790 TFLOP/s) by default.
+protocol). MFU = tokens/s x flops_per_token / peak, the peak being the card's spec-sheet dense bf16 rate
+(card_peak_flops; 989 TFLOP/s on an H100 SXM or H200).
 """
 
 from __future__ import annotations
@@ -19,7 +19,16 @@ import torch
 from slimtune.bench.models import flops_per_token
 from slimtune.bench.training import KBIT, Measurement, Workload, measure
 
-__all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table"]
+__all__ = ["WORKLOADS", "BenchReport", "run_bench", "format_table", "card_peak_flops"]
+
+# Dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' spec sheets, matched in this order as a
+# substring of torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3" is the SXM card).
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L40S", 362e12),
+)
+FALLBACK_PEAK_FLOPS = 790e12
+"""Peak for a card not in PEAK_BF16_FLOPS: the dense bf16 matmul rate measured on an H100/H200 here."""
 
 OFFLOAD = "st-offload"
 GRAPH = "st-graph"
@@ -94,9 +103,14 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def card_peak_flops(card: str) -> float:
+    """Dense bf16 FLOP/s of a card named as torch.cuda.get_device_name names it; FALLBACK_PEAK_FLOPS if unknown."""
+    return next((flops for name, flops in PEAK_BF16_FLOPS if name in card), FALLBACK_PEAK_FLOPS)
+
+
 def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: str | None = None,
               seq_len: int = 2048, warmup: int = 2, steps: int = 3, baseline: bool = True,
-              skip_baseline: tuple[str, ...] = (), peak_flops: float = 790e12, max_step_seconds: float = 60.0,
+              skip_baseline: tuple[str, ...] = (), peak_flops: float | None = None, max_step_seconds: float = 60.0,
               json_path: str | None = None, verbose: bool = True, offload: bool = False,
               repeats: int = 1, kbit_baseline: bool = False, cuda_graph: bool = False,
               graph_no_checkpoint: bool = False) -> BenchReport:
@@ -107,7 +121,7 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
         device: "cuda" (default when present) or "cpu" (smoke runs on the tiny preset; no timing value).
         seq_len, warmup, steps: tokens per row of the batch, untimed steps, timed steps.
         skip_baseline: workloads that run slimtune only (e.g. a baseline too slow for the time budget).
-        peak_flops: the card's dense bf16 rate for MFU (790e12 measured on H100/H200 here).
+        peak_flops: the card's dense bf16 rate for MFU; default card_peak_flops(device).
         max_step_seconds: measured steps are cut so that one row takes about this long.
         json_path: also write the report as JSON there.
         offload: also a row "st-offload": slimtune with its checkpointed layer inputs in pinned host
@@ -130,6 +144,7 @@ def run_bench(workloads: list[str] | tuple[str, ...] | None = None, *, device: s
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak_flops = peak_flops or card_peak_flops(card)
     report = BenchReport([], card, _versions(), dict(seq_len=seq_len, warmup=warmup, steps=steps, dtype=str(dtype),
                                                       peak_flops=peak_flops, lora="r=16 alpha=16 dropout=0 7 proj",
                                                       offload=offload, repeats=repeats, kbit_baseline=kbit_baseline,

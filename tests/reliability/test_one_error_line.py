@@ -73,3 +73,17 @@ def test_a_lone_surrogate_in_a_row(tmp_path: Path, tiny_model_dir: Path, tiny_ro
         assert result.exit_code == 0 and "Traceback" not in result.output, result.output
         return
     assert "lone surrogate U+D800" in _one_line(result)
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_num_virtual_tokens_too_large_to_allocate(tmp_path: Path, tiny_model_dir: Path, tiny_rows: Path,
+                                                   method: str) -> None:
+    import yaml
+
+    config = write_run_config(tmp_path, tiny_model_dir, tiny_rows, tmp_path / "run", max_steps=1)
+    raw = yaml.safe_load(config.read_text())
+    raw.update(method=method, peft={"num_virtual_tokens": 10**13})  # ~10**15 floats: no allocator has them
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    text = _one_line(CliRunner().invoke(app, ["train", str(config), "--no-progress"]))
+    assert "does not fit in memory" in text and "num_virtual_tokens" in text, text
+    assert not (tmp_path / "run" / "adapter").exists()

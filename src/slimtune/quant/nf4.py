@@ -19,11 +19,10 @@ import functools
 import torch
 
 from slimtune.quant.codebooks import dynamic_map, get_code, sorted_code
-from slimtune.quant.state import NestedState, QuantState
+from slimtune.quant.state import NestedState, QuantState, check_blocksize
 
-__all__ = ["quantize_4bit", "dequantize_4bit", "VALID_BLOCKSIZES", "VALID_QUANT_TYPES", "VALID_DTYPES"]
+__all__ = ["quantize_4bit", "dequantize_4bit", "VALID_QUANT_TYPES", "VALID_DTYPES"]
 
-VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 VALID_QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 VALID_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 NESTED_BLOCKSIZE = 256
@@ -65,17 +64,12 @@ def _check_inputs(weight: torch.Tensor, quant_type: str, blocksize: int) -> None
     if weight.numel() == 0:
         raise ValueError(f"quantize_4bit: weight of shape {tuple(weight.shape)} is empty")
     _check_quant_type(quant_type)
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
 
 
 def _check_quant_type(quant_type: str) -> None:
     if quant_type not in VALID_QUANT_TYPES:
         raise ValueError(f"quant_type {quant_type!r} is not supported; allowed: {VALID_QUANT_TYPES}")
-
-
-def _check_blocksize(blocksize: int) -> None:
-    if isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
-        raise ValueError(f"blocksize {blocksize!r} is not supported; allowed: {VALID_BLOCKSIZES}")
 
 
 def _blockwise_scale_4bit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +162,7 @@ def quantize_4bit(
     Args:
         weight: any shape, fp32 / bf16 / fp16, e.g. a Linear weight (out_features, in_features).
         quant_type: "nf4" (NormalFloat) or "fp4".
-        blocksize: values per absmax block, one of VALID_BLOCKSIZES.
+        blocksize: values per absmax block, one of quant.state.VALID_BLOCKSIZES.
         double_quant: also quantize the absmax vector to 8 bits (QLoRA's double quantization).
 
     Returns:

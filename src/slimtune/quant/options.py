@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from slimtune.quant.nf4 import VALID_BLOCKSIZES, VALID_QUANT_TYPES
+from slimtune.quant.nf4 import VALID_QUANT_TYPES
+from slimtune.quant.state import check_blocksize
 
 __all__ = ["QuantOptions", "resolve_options"]
 
@@ -57,8 +58,9 @@ class QuantOptions:
             raise ValueError(
                 f"quantization {self.quant_type!r} is not supported; allowed: {VALID_QUANT_TYPES} or None"
             )
-        if self.blocksize not in VALID_BLOCKSIZES:
-            raise ValueError(f"blocksize {self.blocksize!r} is not supported; allowed: {VALID_BLOCKSIZES}")
+        check_blocksize(self.blocksize)
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant must be true or false, got {self.double_quant!r}")
         if self.compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(
                 f"compute_dtype {self.compute_dtype} is not supported; allowed: bfloat16, float16, float32"
@@ -116,9 +118,9 @@ def resolve_options(
     skips = tuple(skip_modules or ()) + tuple(cfg.get("llm_int8_skip_modules") or ())
     return QuantOptions(
         quant_type=quant_type,
-        double_quant=bool(cfg.get("bnb_4bit_use_double_quant", double_quant)),
+        double_quant=cfg.get("bnb_4bit_use_double_quant", double_quant),
         compute_dtype=parse_dtype(cfg.get("bnb_4bit_compute_dtype") or compute_dtype, "compute_dtype"),
-        blocksize=int(cfg.get("bnb_4bit_blocksize", blocksize)),
+        blocksize=check_blocksize(cfg.get("bnb_4bit_blocksize", blocksize), "bnb_4bit_blocksize"),
         skip_modules=skips,
     )
 

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["QuantState", "NestedState", "QUANT_STATE_KEYS"]
+__all__ = ["QuantState", "NestedState", "QUANT_STATE_KEYS", "VALID_BLOCKSIZES", "check_blocksize"]
+
+VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Values per absmax block (and per nested block) that the quantizer, the Triton kernels and bitsandbytes take."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -32,6 +35,13 @@ _PACKED_PREFIX = "quant_state.bitsandbytes__"
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def check_blocksize(value: object, what: str = "blocksize") -> int:
+    """`value` when it is one of VALID_BLOCKSIZES (an int, not a bool or a float); else ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_BLOCKSIZES:
+        raise ValueError(f"{what} {value!r} is not supported; allowed: {VALID_BLOCKSIZES}")
+    return value
 
 
 def _parse_dtype(name: object, key: str) -> torch.dtype:
@@ -155,7 +165,7 @@ class QuantState:
                 f"{packed_keys[0]}: quant_type {quant_type!r} is not supported; allowed: ('nf4', 'fp4')"
             )
         shape = _positive_ints(fields.get("shape"), f"{packed_keys[0]}: shape", allow_zero=True)
-        blocksize = _positive_ints([fields.get("blocksize")], f"{packed_keys[0]}: blocksize")[0]
+        blocksize = check_blocksize(fields.get("blocksize"), f"{packed_keys[0]}: blocksize")
         dtype = _parse_dtype(fields.get("dtype"), packed_keys[0])
         numel = torch.Size(shape).numel()
         n_blocks = -(-numel // blocksize)
@@ -209,7 +219,7 @@ def _check_numel(t: torch.Tensor, expected: int, key: str, why: str) -> None:
 
 def _nested_state(tensors: dict[str, torch.Tensor], prefix: str, fields: dict[str, object], key: str,
                   n_blocks: int, device: torch.device | str | None) -> NestedState:
-    blocksize = _positive_ints([fields.get("nested_blocksize")], f"{key}: nested_blocksize")[0]
+    blocksize = check_blocksize(fields.get("nested_blocksize"), f"{key}: nested_blocksize")
     offset = fields.get("nested_offset")
     if not isinstance(offset, int | float) or isinstance(offset, bool) or offset != offset or abs(offset) == float("inf"):
         raise ValueError(f"{key}: nested_offset must be a finite number, got {offset!r}")

@@ -21,8 +21,8 @@ waits on the device beyond the one in use.
 
 # Note: exact host sizes
 torch's pinned-memory cache rounds every block up to a power of two. At 350k tokens a layer input is
-2.87 GB and takes a 4 GiB block, so 33 of them asked for 132 GiB and the H200 machine's 128 GiB host
-killed the run (first full 32-layer try, 2026-11-29). Tensors of PAGEABLE_BYTES or more therefore go to
+2.87 GB and takes a 4 GiB block, so 33 of them ask for 132 GiB and the H200 machine's 128 GiB host
+kills the run. Tensors of PAGEABLE_BYTES or more therefore go to
 plain (pageable) host memory of their exact size, copied synchronously on the compute stream: such a
 copy takes ~0.2 s next to a layer step of seconds, and a pageable source may be freed as soon as the
 copy back has been issued, so no event has to guard it.

@@ -132,7 +132,7 @@ def _no_match_message(model: nn.Module, targets: object, layers: object) -> str:
     )
 
 
-def default_targets(model: nn.Module, table: dict[str, list[str]], method: str) -> list[str]:
+def default_targets(model: nn.Module, table: dict[str, Sequence[str]], method: str) -> list[str]:
     """The per-architecture default target modules for `method`, from the model's config.model_type."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in table:

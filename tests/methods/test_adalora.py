@@ -12,7 +12,6 @@ import warnings
 import peft
 import pytest
 import torch
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 import slimtune
@@ -26,7 +25,6 @@ from layer_invariants import (
     pair,
 )
 from slimtune.methods.adalora import (
-    DEFAULT_TARGETS,
     AdaLoraConfig,
     RankAllocator,
     adapters_of,
@@ -296,12 +294,6 @@ def test_trainer_event_order_the_callback_relies_on(tmp_path):
 
 
 # ---- configuration ----------------------------------------------------------------------------
-def test_default_targets_are_peft_table():
-    for model_type, targets in TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING.items():
-        if isinstance(targets, list):
-            assert DEFAULT_TARGETS[model_type] == targets, model_type
-
-
 def test_peft_config_files_load_and_ours_round_trip():
     theirs = peft.AdaLoraConfig(init_r=6, target_r=3, total_step=50, target_modules=["q", "v"], tinit=5)
     data = json.loads(json.dumps(theirs.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))

@@ -8,10 +8,6 @@ import json
 import peft
 import pytest
 import torch
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-)
 from torch import nn
 
 import slimtune
@@ -25,7 +21,7 @@ from layer_invariants import (
     pair,
     perturb,
 )
-from slimtune.methods.ia3 import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS, IA3Config
+from slimtune.methods.ia3 import IA3Config
 from slimtune.quant.linear4bit import Linear4bit
 from tiny_models import TINY_MODELS, logits
 
@@ -84,13 +80,6 @@ def test_only_vectors_train_and_base_is_untouched(model_name):
     grads = assert_step_leaves_base_untouched(model_name, _config(slimtune.methods.ia3, model_name, "default"),
                                               ".adapters.default.ia3_l")
     assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
-
-
-def test_default_tables_are_peft_tables():
-    for model_type, targets in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.items():
-        assert DEFAULT_TARGETS[model_type] == targets, model_type
-    for model_type, ff in TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.items():
-        assert DEFAULT_FEEDFORWARD[model_type] == ff, model_type
 
 
 def test_peft_config_files_load_and_ours_round_trip():

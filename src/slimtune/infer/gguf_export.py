@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from slimtune.architectures import column, for_model_type
 from slimtune.errors import MissingDependency
 from slimtune.models import refuse_remote_tokenizer
 
 OUTTYPES = ("f16", "q8_0", "f32")
 """GGUF tensor types we write for 2-D weights."""
-
-SUPPORTED_MODEL_TYPES = ("llama",)
 
 # From llama.cpp's convert_hf_to_gguf.py (get_vocab_base_pre): the text whose token ids identify a
 # BPE pre-tokenizer, and the hashes of known ones.
@@ -95,9 +94,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{folder} holds no config.json; export a merged model folder (slimtune merge --output)")
     config = json.loads(path.read_text(encoding="utf-8"))
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+    if not for_model_type(config.get("model_type")).gguf_export:
         raise ValueError(f"{path}: model_type {config.get('model_type')!r} is not supported by the GGUF export; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+                         f"supported: {', '.join(column('gguf_export'))}")
     if "quantization_config" in config:
         raise ValueError(f"{path} describes a quantized checkpoint; merge it first (slimtune merge dequantizes)")
     rope = _rope(config)

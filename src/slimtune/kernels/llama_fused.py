@@ -6,7 +6,8 @@
 Nothing in slimtune calls this behind the user's back: `get_peft_model` leaves the model's modules alone,
 as peft does. `slimtune train` and the benchmarks call `enable_fast_path` themselves; API users call it
 once, after `get_peft_model` and after moving the model to its GPU. For a known architecture
-(transformers' Llama, Qwen2 and Mistral, whose RMSNorm, MLP and attention are Llama's line for line) each
+(Architecture.fused_prefix in architectures.py: transformers' Llama, Qwen2 and Mistral, whose RMSNorm, MLP
+and attention are Llama's line for line) each
     <Arch>RMSNorm    runs kernels/rms_norm.py
     <Arch>MLP        runs kernels/swiglu.py (hidden_act silu only; in training with LoRA on gate, up and
                      down: the whole MLP as kernels/lora_mlp.py)
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.architectures import for_model_type
 from slimtune.kernels.dispatch import fast_path_mode, triton_available
 
 __all__ = ["enable_fast_path", "disable_fast_path", "fast_modules", "kernels_apply", "FastForward", "ENV_FLAG",
@@ -55,7 +57,6 @@ ENV_FLAG = "SLIMTUNE_FUSED_LAYERS"
 """'off' keeps transformers' RMSNorm/RoPE/SwiGLU when the fast path is on; a comma list keeps some."""
 KINDS = ("rmsnorm", "rope", "swiglu")
 
-_ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}  # config.model_type -> prefix
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Relative L2 error allowed between the fused and the original logits in the self-check: fp32 round-off,
 # bf16/fp16 round-off of a few layers. A wrong rotation or norm gives errors of order 1.
@@ -211,7 +212,7 @@ def _kind(module: nn.Module, architecture: str, kinds: tuple[str, ...]) -> str |
     cls = type(module)
     if not cls.__module__.startswith(f"transformers.models.{architecture}."):
         return None
-    prefix = _ARCHITECTURES[architecture]
+    prefix = for_model_type(architecture).fused_prefix
     if cls.__name__ == f"{prefix}RMSNorm" and "rmsnorm" in kinds:
         return "rmsnorm"
     if cls.__name__ == f"{prefix}Attention" and "rope" in kinds:
@@ -248,7 +249,8 @@ def enable_fast_path(model: nn.Module, check: bool = True) -> int:
     kinds = enabled_kinds()
     config = getattr(model, "config", None)
     architecture = getattr(config, "model_type", None)
-    if fast_path_mode() == "off" or not kinds or architecture not in _ARCHITECTURES or not triton_available():
+    if fast_path_mode() == "off" or not kinds or for_model_type(architecture).fused_prefix is None or \
+            not triton_available():
         return 0
     weight = _first_float_weight(model)
     if weight is None or not kernels_apply(weight):

@@ -56,8 +56,6 @@ class MethodSpec:
     config_cls: type[PeftConfig]
     inject: Callable[[nn.Module, PeftConfig, str], None]
     """inject(model, config, adapter_name): add the adapter to `model` in place."""
-    default_targets: dict[str, list[str]]
-    """model_type -> target module names used when the config gives none."""
     extra_trainable: Callable[[nn.Module, PeftConfig], Iterator[tuple[str, nn.Parameter]]] | None = None
     """Base parameters the config also trains and saves (e.g. LoRA's bias='all'), by state-dict name."""
     on_step: Callable[[nn.Module, PeftConfig, str, int], None] | None = None

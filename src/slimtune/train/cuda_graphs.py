@@ -28,7 +28,7 @@ and place, and several micro-batches add into one gradient. So:
     the steps that the first process replayed, whose kernels and so bits can differ. If a capture fails,
     every later batch runs eagerly (the loop's own eager path) and `reason` says why.
 Batches that cannot be replayed run eagerly (`takes` is False): packed rows (position_ids), left padding
-or any padding that loss.drop_right_padding_mask does not accept (models outside MASK_FREE_MODELS, a
+or any padding that loss.drop_right_padding_mask does not accept (no Architecture.mask_free, a
 non-SDPA attention). Attention masks under capture: Note: transformers' masks under capture.
 
 # Note: transformers' masks under capture
@@ -154,8 +154,8 @@ def graphs_unsupported(model: nn.Module, device: torch.device, amp_dtype: torch.
     if callable(penalty) and penalty() is not None:
         return "the method adds a training penalty and reallocates ranks between steps (AdaLoRA); use LoRA, IA3 or DoRA"
     if loss_head(model) is None:
-        return ("the loss must come from hidden states (fast path on, a plain bias-free LM head, a model type in "
-                "loss.PLAIN_HEAD_MODELS, no prompt-learning method)")
+        return ("the loss must come from hidden states (fast path on, a plain bias-free LM head, a model type "
+                "with Architecture.plain_head, no prompt-learning method)")
     return None
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.architectures import for_model_type
 from slimtune.data.tokenize import IGNORE_INDEX
 
 
@@ -59,23 +60,21 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
 # a time. The model still runs its own forward (so DDP, hooks and PEFT wrappers see a normal call), with
 # logits_to_keep = no position; a forward hook on the backbone hands over its output. The sum and the
 # count are the ones token_loss computes from the logits, so the accumulation normalisation is unchanged.
-PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "phi3",
-                               "olmo", "olmo2", "smollm3", "starcoder2", "gpt2", "bloom"})
-"""model_type values whose logits are exactly lm_head(hidden) (no soft-capping or logit scale)."""
+# Which model types qualify: Architecture.plain_head (architectures.py).
 
 
 def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     """(backbone, lm_head) when the loss can come from hidden states (see Note: the loss from hidden states).
 
     None for prompt-learning methods (virtual tokens shift positions), heads that are adapted, biased or
-    sharded (FSDP2 DTensor), models outside PLAIN_HEAD_MODELS, and whenever the fast path is off.
+    sharded (FSDP2 DTensor), model types without Architecture.plain_head, and whenever the fast path is off.
     """
     model = getattr(model, "module", model)  # DistributedDataParallel
     configs = getattr(model, "peft_config", None) or {}
     if any(getattr(c, "num_virtual_tokens", None) for c in configs.values()):
         return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(getattr(base, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+    if not for_model_type(getattr(getattr(base, "config", None), "model_type", None)).plain_head:
         return None
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
@@ -95,12 +94,10 @@ def loss_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
 # Without the 2D mask transformers hands SDPA is_causal=True instead of a dense (B, 1, T, T) mask, which
 # on an H200 ran cuDNN's attention 3x faster (train/cuda_graphs.py, Note: transformers' masks under capture),
 # and skips its all-ones check, a host sync per forward. `drop_right_padding_mask` does this only when
-# it is exact and pays: rotary models whose positions do not come from the mask (MASK_FREE_MODELS)
+# it is exact and pays: rotary models whose positions do not come from the mask (Architecture.mask_free)
 # running SDPA (flash-attention 2 uses the mask to skip the pads, so it keeps it), a 2D mask
 # that is right padding row by row, no packed position_ids, and IGNORE_INDEX under every pad. The
 # checks run on the collated CPU tensors before they move to the device.
-MASK_FREE_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "olmo", "olmo2", "smollm3"})
-"""model_type values whose attention is causal with rotary positions from position_ids (not the mask)."""
 
 
 def drop_right_padding_mask(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
@@ -111,7 +108,7 @@ def drop_right_padding_mask(model: nn.Module, batch: dict[str, torch.Tensor]) ->
     base = getattr(model, "module", model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = getattr(base, "config", None)
-    if getattr(config, "model_type", None) not in MASK_FREE_MODELS or \
+    if not for_model_type(getattr(config, "model_type", None)).mask_free or \
             getattr(config, "_attn_implementation", None) != "sdpa":  # flash-attention unpads with the mask
         return False
     keep = mask.bool()

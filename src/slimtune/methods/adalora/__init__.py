@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from slimtune.adapter_layer import trainable_biases
+from slimtune.architectures import column
 from slimtune.methods.adalora.allocator import RankAllocator, update_and_allocate
 from slimtune.methods.adalora.config import AdaLoraConfig
 from slimtune.methods.adalora.layer import AdaLoraLayer, SVDAdapter, adapters_of
@@ -25,19 +26,6 @@ if TYPE_CHECKING:
     from slimtune.methods.adalora.callback import AdaLoraCallback
 
 __all__ = ["AdaLoraCallback", "AdaLoraConfig", "AdaLoraLayer", "METHOD", "RankAllocator"]
-
-# peft's TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING (peft 0.21), plus mistral (same names as llama).
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-    **{t: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"] for t in ("bart", "opt")},
-    **{t: ["c_attn"] for t in ("gpt2", "gpt_bigcode")},
-    **{t: ["query_key_value"] for t in ("bloom", "gpt_neox")},
-    **{t: ["q_proj", "v_proj"] for t in (
-        "gptj", "gpt_neo", "llama", "llama4", "mistral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
-    "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"],
-    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"], "deberta": ["in_proj"],
-    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
-}
 
 
 def __getattr__(name: str) -> Any:
@@ -51,7 +39,7 @@ def __getattr__(name: str) -> Any:
 def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
     """Wrap every target module in an AdaLoraLayer and add adapter `adapter_name` (pruned per rank_pattern)."""
     if config.target_modules is None:  # as peft: the saved config names the modules it adapted
-        config.target_modules = default_targets(model, DEFAULT_TARGETS, "AdaLoRA")
+        config.target_modules = default_targets(model, column("adalora_targets"), "AdaLoRA")
     names = find_targets(model, config.target_modules, exclude_modules=config.exclude_modules,
                          layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
                          skip=config.modules_to_save or ())
@@ -91,6 +79,6 @@ def orthogonality_penalty(model: nn.Module, config: AdaLoraConfig, adapter_name:
     return config.orth_reg_weight * (total / count)
 
 
-METHOD = MethodSpec(config_cls=AdaLoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
+METHOD = MethodSpec(config_cls=AdaLoraConfig, inject=inject,
                     extra_trainable=trainable_biases, on_step=on_step, extra_loss=orthogonality_penalty,
                     to_file=to_file, run_state=RunStateHooks(get=run_state, load=load_run_state))

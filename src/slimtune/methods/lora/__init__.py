@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from slimtune.adapter_layer import is_4bit, trainable_biases
+from slimtune.architectures import column
 from slimtune.methods.lora.adapters import LoraEmbeddingAdapter, LoraLinearAdapter
 from slimtune.methods.lora.config import LoraConfig, pissa_iters
 from slimtune.methods.lora.layer import LoraLayer
@@ -12,17 +13,6 @@ from slimtune.methods.spec import MethodSpec
 from slimtune.targeting import default_targets, find_targets
 
 __all__ = ["LoraConfig", "LoraLayer", "METHOD"]
-
-DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "gemma", "gemma2", "phi3", "olmo", "starcoder2",
-        "opt", "bart", "mbart", "gptj", "stablelm")},
-    **{t: ["query_key_value"] for t in ("bloom", "falcon", "gpt_neox", "chatglm", "glm")},
-    "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"],
-    **{t: ["q", "v"] for t in ("t5", "mt5", "umt5")},
-    **{t: ["query", "value"] for t in ("bert", "roberta", "xlm-roberta", "electra", "deberta-v2")},
-}
-
 
 def _make_adapter(layer: LoraLayer, name: str, config: LoraConfig) -> LoraLinearAdapter | LoraEmbeddingAdapter:
     r, alpha = config.rank_and_alpha(name)
@@ -38,7 +28,7 @@ def _make_adapter(layer: LoraLayer, name: str, config: LoraConfig) -> LoraLinear
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
     """Wrap every target module of `model` in a LoraLayer and add adapter `adapter_name` to it."""
-    targets = config.target_modules or default_targets(model, DEFAULT_TARGETS, "LoRA")
+    targets = config.target_modules or default_targets(model, column("lora_targets"), "LoRA")
     names = find_targets(model, targets, exclude_modules=config.exclude_modules,
                          layers_to_transform=config.layers_to_transform, layers_pattern=config.layers_pattern,
                          skip=config.modules_to_save or ())
@@ -63,5 +53,4 @@ def _pissa(layer: LoraLayer, adapter: LoraLinearAdapter, niter: int, name: str) 
     layer.write_weight(residual)
 
 
-METHOD = MethodSpec(config_cls=LoraConfig, inject=inject, default_targets=DEFAULT_TARGETS,
-                    extra_trainable=trainable_biases)
+METHOD = MethodSpec(config_cls=LoraConfig, inject=inject, extra_trainable=trainable_biases)

@@ -26,7 +26,7 @@ def build_encoder(model: nn.Module, config: PromptEncoderConfig) -> nn.Module:
     return PromptEncoder(config)
 
 
-METHOD = MethodSpec(config_cls=PromptEncoderConfig, inject=inject, default_targets={},
+METHOD = MethodSpec(config_cls=PromptEncoderConfig, inject=inject,
                     prompt=PromptHooks(build_encoder=build_encoder, forward=virtual_tokens.forward,
                                        generate=virtual_tokens.generate,
                                        backbone=virtual_tokens.backbone_forward))

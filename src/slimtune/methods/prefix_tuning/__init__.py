@@ -46,7 +46,7 @@ def build_encoder(model: nn.Module, config: PrefixTuningConfig) -> nn.Module:
     return PrefixEncoder(config)
 
 
-METHOD = MethodSpec(config_cls=PrefixTuningConfig, inject=inject, default_targets={},
+METHOD = MethodSpec(config_cls=PrefixTuningConfig, inject=inject,
                     prompt=PromptHooks(build_encoder=build_encoder, forward=prefix_cache.forward,
                                        generate=prefix_cache.generate,
                                        backbone=prefix_cache.forward))

@@ -24,7 +24,7 @@ def build_encoder(model: nn.Module, config: PromptTuningConfig) -> nn.Module:
     return PromptEmbedding(config, input_embeddings(model))
 
 
-METHOD = MethodSpec(config_cls=PromptTuningConfig, inject=inject, default_targets={},
+METHOD = MethodSpec(config_cls=PromptTuningConfig, inject=inject,
                     prompt=PromptHooks(build_encoder=build_encoder, forward=virtual_tokens.forward,
                                        generate=virtual_tokens.generate,
                                        backbone=virtual_tokens.backbone_forward))

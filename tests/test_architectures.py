@@ -27,8 +27,8 @@ PEFT_TABLES = {
     "ia3_feedforward": peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
     "adalora_targets": peft_constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING,
 }
-# The table lists every model type these peft tables give a list for (LoRA's has more than slimtune's).
-COVERS_PEFT = ("ia3_targets", "ia3_feedforward", "adalora_targets")
+# The table lists every model type these peft tables give a list for (not peft's regex defaults).
+COVERS_PEFT = TARGET_FIELDS
 
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=0,
@@ -51,8 +51,8 @@ EXTRA: dict[str, dict] = {
 }
 # Defaults that name no module of transformers' model of that type: (model type, field) -> why.
 NAMES_NO_MODULE = {
-    ("phi3", "lora_targets"): "transformers' Phi3Attention has one fused qkv_proj, no q_proj/v_proj",
-    ("glm", "lora_targets"): "query_key_value is remote-code GLM's (glm-10b); transformers' Glm: q/k/v_proj",
+    ("blip-2", "lora_targets"): "peft's list serves both language models BLIP-2 ships with (T5: q/v, OPT: "
+                                "q_proj/v_proj); a tiny Blip2Model has the OPT one, so q matches nothing",
     ("mixtral", "ia3_targets"): "peft's w2: transformers 5 holds Mixtral's experts in one fused module",
     ("mixtral", "ia3_feedforward"): "peft's w2: transformers 5 holds Mixtral's experts in one fused module",
 }
@@ -100,7 +100,7 @@ def test_lookups():
     assert for_model_type(None) == for_model_type("no-such-model") == for_model_type(3) == Architecture()
     assert column("fused_prefix") == {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
     assert column("ia3_feedforward")["mt5"] == ()  # an empty default is a default
-    assert "deberta" not in column("lora_targets")
+    assert "gemma4" not in column("lora_targets")  # peft's default there is a regex
     with pytest.raises(ValueError, match="no field 'lora'"):
         column("lora")
 

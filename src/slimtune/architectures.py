@@ -5,7 +5,9 @@
 
 Where peft 0.21 has a default for a model type (its TRANSFORMERS_MODELS_TO_*_MODULES_MAPPING tables), the
 target list is peft's, in peft's order, so a config without target_modules adapts the same modules here and
-in peft; the other lists (e.g. LoRA on phi3, AdaLoRA on mistral) are slimtune's own.
+in peft; the other lists (e.g. LoRA on phi3, whose attention has one fused qkv_proj, and AdaLoRA on
+mistral) are slimtune's own. peft's one regex default (LoRA on gemma4's language model) is not listed:
+name the targets there.
 This module imports nothing from slimtune: every other module may read it.
 """
 
@@ -62,7 +64,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     # decoder-only language models
     "llama": Architecture(lora_targets=_QV, ia3_targets=_KV_DOWN, ia3_feedforward=_DOWN, adalora_targets=_QV,
                           plain_head=True, mask_free=True, fused_prefix="Llama", gguf_export=True),
-    "llama4": Architecture(ia3_targets=_QV_DOWN, ia3_feedforward=_DOWN, adalora_targets=_QV),
+    "llama4": Architecture(lora_targets=_QV, ia3_targets=_QV_DOWN, ia3_feedforward=_DOWN, adalora_targets=_QV),
     "mistral": Architecture(lora_targets=_QV, ia3_targets=_KV_DOWN, ia3_feedforward=_DOWN,
                             adalora_targets=_QV, plain_head=True, mask_free=True, fused_prefix="Mistral"),
     "mixtral": Architecture(lora_targets=_QV, ia3_targets=("k_proj", "v_proj", "w2"), ia3_feedforward=("w2",),
@@ -76,20 +78,27 @@ ARCHITECTURES: dict[str, Architecture] = {
                           plain_head=True, mask_free=True),
     "gemma2": Architecture(lora_targets=_QV, ia3_targets=_QV_DOWN, ia3_feedforward=_DOWN,
                            adalora_targets=_QV),
-    "gemma3_text": Architecture(ia3_targets=_QV_DOWN, ia3_feedforward=_DOWN, adalora_targets=_QV),
-    "phi": Architecture(ia3_targets=("q_proj", "v_proj", "fc2"), ia3_feedforward=("fc2",)),
-    "phi3": Architecture(lora_targets=_QV, plain_head=True, mask_free=True),
+    "gemma3_text": Architecture(lora_targets=_QV, ia3_targets=_QV_DOWN, ia3_feedforward=_DOWN, adalora_targets=_QV),
+    "phi": Architecture(lora_targets=("q_proj", "v_proj", "fc1", "fc2"), ia3_targets=("q_proj", "v_proj", "fc2"),
+                        ia3_feedforward=("fc2",)),
+    "phi3": Architecture(lora_targets=("qkv_proj",), plain_head=True, mask_free=True),
     "olmo": Architecture(lora_targets=_QV, plain_head=True, mask_free=True),
     "olmo2": Architecture(plain_head=True, mask_free=True),
     "smollm3": Architecture(plain_head=True, mask_free=True),
     "starcoder2": Architecture(lora_targets=_QV, plain_head=True),
     "stablelm": Architecture(lora_targets=_QV),
-    "nemotron_h": Architecture(adalora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "nemotron_h": Architecture(lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                               adalora_targets=("q_proj", "k_proj", "v_proj", "o_proj")),
+    "mpt": Architecture(lora_targets=("Wqkv",)),
+    "codegen": Architecture(lora_targets=("qkv_proj",)),
+    "btlm": Architecture(lora_targets=("c_proj", "c_attn")),
+    "rwkv": Architecture(lora_targets=("key", "value", "receptance", "output")),
+    "rwkv7": Architecture(lora_targets=("r_proj", "k_proj", "v_proj", "o_proj", "key", "value")),
     "opt": Architecture(lora_targets=_QV, ia3_targets=("q_proj", "k_proj", "fc2"), ia3_feedforward=("fc2",),
                         adalora_targets=_BART_ADALORA),
     "gptj": Architecture(lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "fc_out"),
                          ia3_feedforward=("fc_out",), adalora_targets=_QV),
-    "gpt_neo": Architecture(ia3_targets=("q_proj", "v_proj", "c_proj"), ia3_feedforward=("c_proj",),
+    "gpt_neo": Architecture(lora_targets=_QV, ia3_targets=("q_proj", "v_proj", "c_proj"), ia3_feedforward=("c_proj",),
                             adalora_targets=_QV),
     "gpt_neox": Architecture(lora_targets=_QKV, adalora_targets=_QKV, **_FALCON_IA3),
     "gpt2": Architecture(lora_targets=("c_attn",), adalora_targets=("c_attn",), plain_head=True, **_GPT2_IA3),
@@ -98,11 +107,12 @@ ARCHITECTURES: dict[str, Architecture] = {
                           ia3_feedforward=("mlp.dense_4h_to_h",), adalora_targets=_QKV, plain_head=True),
     "falcon": Architecture(lora_targets=_QKV, **_FALCON_IA3),
     # Falcon's model_type in checkpoints that predate its transformers class (remote code)
-    "RefinedWeb": Architecture(**_FALCON_IA3),
-    "RefinedWebModel": Architecture(**_FALCON_IA3),
+    "RefinedWeb": Architecture(lora_targets=_QKV, **_FALCON_IA3),
+    "RefinedWebModel": Architecture(lora_targets=_QKV, **_FALCON_IA3),
     "chatglm": Architecture(lora_targets=_QKV),
-    "glm": Architecture(lora_targets=_QKV),
-    # encoder-decoder models
+    "glm": Architecture(lora_targets=_QV),
+    # encoder-decoder and vision-language models
+    "blip-2": Architecture(lora_targets=("q", "v", "q_proj", "v_proj")),
     "t5": Architecture(lora_targets=("q", "v"), ia3_targets=("k", "v", "wo"), ia3_feedforward=("wo",),
                        adalora_targets=("q", "k", "v", "o", "wi", "wo")),
     "mt5": Architecture(lora_targets=("q", "v"), ia3_targets=("k", "v", "wi_1"), ia3_feedforward=(),
@@ -117,11 +127,12 @@ ARCHITECTURES: dict[str, Architecture] = {
                             **_ENCODER_IA3),
     "xlm-roberta": Architecture(lora_targets=_QUERY_VALUE),
     "electra": Architecture(lora_targets=_QUERY_VALUE),
+    "layoutlm": Architecture(lora_targets=_QUERY_VALUE),
     "deberta-v2": Architecture(lora_targets=("query_proj", "value_proj"),
                                ia3_targets=("key_proj", "value_proj", "output.dense"),
                                ia3_feedforward=("output.dense",),
                                adalora_targets=("query_proj", "key_proj", "value_proj", "dense")),
-    "deberta": Architecture(ia3_targets=("in_proj", "output.dense"), ia3_feedforward=("output.dense",),
+    "deberta": Architecture(lora_targets=("in_proj",), ia3_targets=("in_proj", "output.dense"), ia3_feedforward=("output.dense",),
                             adalora_targets=("in_proj",)),
 }
 

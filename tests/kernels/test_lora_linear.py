@@ -11,7 +11,7 @@ from slimtune.kernels import set_fast_path
 from slimtune.kernels.lora_linear import lora_linear, lora_linear_reference
 from slimtune.methods.lora.layer import LoraLayer
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.quant.nf4 import quantize_4bit
+from slimtune.quant_format.nf4 import quantize_4bit
 
 
 @pytest.fixture(autouse=True)

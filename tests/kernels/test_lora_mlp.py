@@ -7,7 +7,7 @@ import torch
 from slimtune import LoraConfig, get_peft_model
 from slimtune.kernels import set_fast_path
 from slimtune.kernels.lora_mlp import Projection, lora_mlp, lora_mlp_reference, tile_rows
-from slimtune.quant.nf4 import quantize_4bit
+from slimtune.quant_format.nf4 import quantize_4bit
 
 C, F, R = 48, 80, 4
 

@@ -1,4 +1,4 @@
-"""Triton 4-bit dequantization against the torch reference (quant/nf4.py), bit for bit."""
+"""Triton 4-bit dequantization against the torch reference (quant_format/nf4.py), bit for bit."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch
 pytest.importorskip("triton")
 
 from slimtune.kernels.nf4_dequant import dequantize_4bit_reference, dequantize_4bit_triton  # noqa: E402
-from slimtune.quant.nf4 import quantize_4bit  # noqa: E402
-from slimtune.quant.state import NestedState, QuantState  # noqa: E402
+from slimtune.quant_format.nf4 import quantize_4bit  # noqa: E402
+from slimtune.quant_format.state import NestedState, QuantState  # noqa: E402
 
 CASES = [  # (shape, quant_type, blocksize, double_quant, dtype)
     ((64, 48), "nf4", 64, True, torch.float32),

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from slimtune.kernels.nf4_matmul import matmul_4bit_reference, matmul_4bit_triton, supports  # noqa: E402
-from slimtune.quant.nf4 import quantize_4bit  # noqa: E402
+from slimtune.quant_format.nf4 import quantize_4bit  # noqa: E402
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,7 +146,7 @@ def test_prmt_asm_emulated(quant_type, dtype):
     """The inline PTX codebook lookup, run line by line, gives code[nibble] in `dtype` for every weight of
     a word, as pairs in k order."""
     from slimtune.kernels.nf4_matmul import _PAIRS_ASM, prmt_table
-    from slimtune.quant.codebooks import get_code
+    from slimtune.quant_format.codebooks import get_code
 
     code = get_code(quant_type, torch.device("cpu"))
     table = [int(t) & 0xFFFFFFFF for t in prmt_table(code, dtype)]
@@ -163,7 +163,7 @@ def test_packed_dot_asm_emulated(dtype):
     """The two-wide dot (Note: the packed dot), run line by line on looked-up pairs: the word's dot within
     the dtype's rounding of the exact one."""
     from slimtune.kernels.nf4_matmul import _DOT_ASM, _PAIRS_ASM, prmt_table
-    from slimtune.quant.codebooks import get_code
+    from slimtune.quant_format.codebooks import get_code
 
     code = get_code("nf4", torch.device("cpu"))
     table = [int(t) & 0xFFFFFFFF for t in prmt_table(code, dtype)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slimtune.quant import load_model, save_quantized
-from slimtune.quant.state import VALID_BLOCKSIZES
+from slimtune.quant_format.state import VALID_BLOCKSIZES
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from slimtune.quant import QuantState, dequantize_4bit, quantize_4bit
-from slimtune.quant.codebooks import dynamic_map, get_code
+from slimtune.quant_format.codebooks import dynamic_map, get_code
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 _bnb_default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")

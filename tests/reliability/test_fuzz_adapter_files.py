@@ -117,7 +117,7 @@ def test_fuzz_safetensors_adapter(tmp_path_factory: pytest.TempPathFactory, cut:
 
 # ---- bnb-4bit quant state ------------------------------------------------------------------------------------------
 def _state_dict() -> dict[str, torch.Tensor]:
-    from slimtune.quant.nf4 import quantize_4bit
+    from slimtune.quant_format.nf4 import quantize_4bit
 
     torch.manual_seed(0)
     packed, state = quantize_4bit(torch.randn(64, 32), "nf4", 64, True)
@@ -161,8 +161,8 @@ MUTATION = dict(
 @fuzz_settings(400)
 def test_fuzz_quant_state_from_dict(drop: set[str], shape_edits: list, blob: dict | None,
                                     raw_blob: bytes | None) -> None:
-    from slimtune.quant.nf4 import dequantize_4bit
-    from slimtune.quant.state import QuantState
+    from slimtune.quant_format.nf4 import dequantize_4bit
+    from slimtune.quant_format.state import QuantState
 
     count("quant_state")
     tensors = _mutate(_state_dict(), drop, shape_edits, blob, raw_blob)

@@ -55,7 +55,7 @@ def _bnb_state(weight: torch.Tensor):
 
 def dequant_rows(shapes=DEQUANT_SHAPES) -> list[KernelRow]:
     from slimtune.kernels.nf4_dequant import dequantize_4bit_triton
-    from slimtune.quant.nf4 import quantize_4bit
+    from slimtune.quant_format.nf4 import quantize_4bit
 
     rows = []
     for n, k in shapes:
@@ -99,7 +99,7 @@ def gemv_rows(shapes=GEMV_SHAPES, ms=(1, 4, 16), sweep: bool = False) -> list[Ke
     fits in the 50 MB L2) and 'cold' (a rotation of weight copies totalling >= 256 MB)."""
     from slimtune.kernels.dispatch import dequantize_to_buffer
     from slimtune.kernels.nf4_matmul import matmul_4bit_triton
-    from slimtune.quant.nf4 import quantize_4bit
+    from slimtune.quant_format.nf4 import quantize_4bit
 
     rows = []
     for n, k in shapes:

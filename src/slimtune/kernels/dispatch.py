@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from slimtune.quant.state import QuantState
+from slimtune.quant_format.nf4 import dequantize_4bit
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["fast_path_mode", "set_fast_path", "triton_available", "use_fused", "use_triton",
            "dequantize_to_buffer", "scratch"]
@@ -102,6 +101,4 @@ def dequantize_to_buffer(packed: torch.Tensor, state: QuantState, dtype: torch.d
             return dequantize_4bit_triton(packed, state, dtype=state.dtype).to(dtype)
         out = scratch(state.shape.numel(), dtype, packed.device).view(state.shape)
         return dequantize_4bit_triton(packed, state, out=out)
-    from slimtune.quant.nf4 import dequantize_4bit  # lazy: quant's Linear4bit imports this module
-
     return dequantize_4bit(packed, state).to(dtype)

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
 from slimtune.kernels.nf4_routing import DECODE_ROWS
-from slimtune.quant.state import QuantState
+from slimtune.quant_format.nf4 import dequantize_4bit
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["lora_linear", "lora_linear_reference", "base_matmul"]
 
@@ -136,9 +137,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lor
 def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                           scaling: float, bias: torch.Tensor | None = None,
                           state: QuantState | None = None) -> torch.Tensor:
-    """Plain autograd version of `lora_linear` (4-bit weights dequantized with quant/nf4.py)."""
-    from slimtune.quant.nf4 import dequantize_4bit
-
+    """Plain autograd version of `lora_linear` (4-bit weights dequantized with quant_format/nf4.py)."""
     w = weight if state is None else dequantize_4bit(weight, state).to(x.dtype)
     base = F.linear(x, w, bias)
     return base + (x @ lora_a.to(x.dtype).T) @ lora_b.to(x.dtype).T * scaling

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from slimtune.kernels.lora_linear import _dense_weight, base_matmul
-from slimtune.quant.state import QuantState
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["Projection", "lora_mlp", "lora_mlp_reference", "tile_rows", "TILE_BYTES", "TILE_BYTES_4BIT"]
 

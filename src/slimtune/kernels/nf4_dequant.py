@@ -1,9 +1,9 @@
-"""Triton NF4/FP4 dequantization (double-quantized absmax included), bit-identical to quant/nf4.py.
+"""Triton NF4/FP4 dequantization (double-quantized absmax included), bit-identical to quant_format/nf4.py.
 
-Reference: `slimtune.quant.nf4.dequantize_4bit` (plain torch), re-exported here as
+Reference: `slimtune.quant_format.nf4.dequantize_4bit` (plain torch), re-exported here as
 `dequantize_4bit_reference`; tests/kernels/test_nf4_dequant.py checks bit equality against it.
 
-Layout (see quant/nf4.py): byte i of `packed` holds values 2i (high nibble) and 2i+1 (low nibble);
+Layout (see quant_format/nf4.py): byte i of `packed` holds values 2i (high nibble) and 2i+1 (low nibble);
 value j belongs to absmax block j // blocksize. A program handles NB absmax blocks: it loads a
 (NB, blocksize / 2) tile of bytes, the NB absmax scales once, looks both nibbles up in the 16-entry
 codebook and writes both values of a byte as one 32-bit (64-bit for fp32) word, see Note: one word
@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from slimtune.quant.nf4 import dequantize_4bit as dequantize_4bit_reference
-from slimtune.quant.state import QuantState
+from slimtune.quant_format.nf4 import dequantize_4bit as dequantize_4bit_reference
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["dequantize_4bit_triton", "dequantize_4bit_reference", "absmax_args"]
 

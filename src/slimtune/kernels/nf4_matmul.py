@@ -1,6 +1,6 @@
 """Triton fused dequantize-matmul for decode-size inputs: y = x W^T (+ b), W packed NF4/FP4, M <= 16 rows.
 
-Reference: `matmul_4bit_reference` (dequantize with quant/nf4.py, then F.linear).
+Reference: `matmul_4bit_reference` (dequantize with quant_format/nf4.py, then F.linear).
 
 At decode time x has a few rows and the cost of a linear layer is streaming its weight: 0.53 byte per
 weight in 4 bits (+ double-quantized scales) against 2 in bf16. Dequantizing first writes and
@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from slimtune.kernels.nf4_dequant import absmax_args, load_absmax
-from slimtune.quant.nf4 import block_absmax, dequantize_4bit
-from slimtune.quant.state import QuantState
+from slimtune.quant_format.nf4 import block_absmax, dequantize_4bit
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["matmul_4bit_triton", "matmul_4bit_reference", "supports", "MAX_ROWS", "pick_config", "sm_count"]
 

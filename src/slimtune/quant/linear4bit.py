@@ -4,7 +4,7 @@ Forward dequantizes the weight to the compute dtype (on CUDA: Triton, into a reu
 kernels/dispatch.py) and runs a plain matmul; backward returns only the input gradient and dequantizes again instead of keeping the full-precision weight alive, so a
 layer costs ~0.5 byte per weight (+ scales) at rest and during backward. The weight is a frozen
 uint8 Parameter named `weight` and the module's state_dict is bitsandbytes' Linear4bit layout
-(`weight` + `weight.absmax`, `weight.quant_map`, ... see quant/state.py), so checkpoints are
+(`weight` + `weight.absmax`, `weight.quant_map`, ... see quant_format/state.py), so checkpoints are
 interchangeable with transformers + bitsandbytes.
 
 LoRA wraps this module as its base layer and reads `in_features`, `out_features`, `compute_dtype`,
@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
-from slimtune.quant.nf4 import dequantize_4bit, quantize_4bit
-from slimtune.quant.state import QuantState
+from slimtune.kernels.lora_linear import base_matmul
+from slimtune.quant_format.nf4 import dequantize_4bit, quantize_4bit
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["Linear4bit"]
 
@@ -138,8 +139,6 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if use_triton(x) and not (torch.is_grad_enabled() and x.requires_grad):
             # Inference on CUDA: fused decode GEMV for <= 4 rows, else Triton dequantization + cuBLAS.
-            from slimtune.kernels.lora_linear import base_matmul
-
             out = base_matmul(x.reshape(-1, self.in_features), self.packed_weight(), self.quant_state, bias)
             return out.reshape(*x.shape[:-1], self.out_features).to(input_dtype)
         return _Linear4bitMatmul.apply(x, self.packed_weight(), self.quant_state, bias).to(input_dtype)

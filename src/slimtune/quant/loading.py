@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.quant.nf4 import quantize_4bit
 from slimtune.quant.options import QuantOptions, parse_dtype, resolve_options
 from slimtune.quant.saving import update_quantization_config
-from slimtune.quant.state import QuantState
+from slimtune.quant_format.nf4 import quantize_4bit
+from slimtune.quant_format.state import QuantState
 
 __all__ = ["load_model"]
 

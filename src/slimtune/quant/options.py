@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from slimtune.quant.nf4 import VALID_QUANT_TYPES
-from slimtune.quant.state import check_blocksize
+from slimtune.quant_format.nf4 import VALID_QUANT_TYPES
+from slimtune.quant_format.state import check_blocksize
 
 __all__ = ["QuantOptions", "resolve_options"]
 

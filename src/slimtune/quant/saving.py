@@ -5,7 +5,7 @@ transformers recognizes a bitsandbytes 4-bit model by `config.quantization_confi
 (n, 1) uint8 weights. `update_quantization_config` makes that record describe the model's Linear4bit
 layers; `load_model` calls it, so `model.save_pretrained(folder)` writes a config.json with a
 "bitsandbytes" quantization_config next to a model.safetensors whose 4-bit layers use bitsandbytes'
-keys (Linear4bit's state_dict, see quant/state.py). Both `AutoModelForCausalLM.from_pretrained(folder)`
+keys (Linear4bit's state_dict, see quant_format/state.py). Both `AutoModelForCausalLM.from_pretrained(folder)`
 (with bitsandbytes installed) and our `load_model` read that folder without re-quantizing.
 A model whose Linear4bit layers are later swapped for plain ones (a dequantizing merge) needs
 `update_quantization_config` again before `save_pretrained`, as transformers' `dequantize()` drops

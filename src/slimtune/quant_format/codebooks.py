@@ -6,7 +6,7 @@ N(0, 1) rescaled to [-1, 1] (QLoRA, Dettmers et al. 2023), with an exact zero. F
 The dynamic map (Dettmers 2015, "8-Bit Approximations for Parallelism in Deep Learning") is the
 signed 8-bit code that double quantization uses for the absmax vector.
 
-All three are bit-identical to bitsandbytes' tables (tests/quant/test_codebooks.py).
+All three are bit-identical to bitsandbytes' tables (tests/quant/test_nf4.py::test_codebooks_match_bitsandbytes).
 """
 
 from __future__ import annotations

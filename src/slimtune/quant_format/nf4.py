@@ -9,7 +9,7 @@ blocks of 256, which brings the scale overhead from 32 / blocksize to about 8 / 
 weight.
 
 The public API is two functions, `quantize_4bit` and `dequantize_4bit`; the state they exchange is
-`QuantState` (see quant/state.py), which serializes to bitsandbytes' exact key layout.
+`QuantState` (see state.py), which serializes to bitsandbytes' exact key layout.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import functools
 
 import torch
 
-from slimtune.quant.codebooks import dynamic_map, get_code, sorted_code
-from slimtune.quant.state import NestedState, QuantState, check_blocksize
+from slimtune.quant_format.codebooks import dynamic_map, get_code, sorted_code
+from slimtune.quant_format.state import NestedState, QuantState, check_blocksize
 
 __all__ = ["quantize_4bit", "dequantize_4bit", "VALID_QUANT_TYPES", "VALID_DTYPES"]
 
@@ -162,7 +162,7 @@ def quantize_4bit(
     Args:
         weight: any shape, fp32 / bf16 / fp16, e.g. a Linear weight (out_features, in_features).
         quant_type: "nf4" (NormalFloat) or "fp4".
-        blocksize: values per absmax block, one of quant.state.VALID_BLOCKSIZES.
+        blocksize: values per absmax block, one of quant_format.state.VALID_BLOCKSIZES.
         double_quant: also quantize the absmax vector to 8 bits (QLoRA's double quantization).
 
     Returns:

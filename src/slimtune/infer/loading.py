@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from slimtune.dtypes import parse_dtype
 from slimtune.models import refuse_remote_tokenizer, resolve_model
 
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4")
@@ -29,8 +30,8 @@ QUANTIZATIONS = ("auto", "none", "nf4", "fp4")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Allowed adapter names: they are looked up in a dict, never used as paths."""
 
-_DTYPES = {"auto": None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16")
+"""`--dtype` values: auto (bf16 on a GPU that supports it, else fp32) or a name in slimtune.dtypes."""
 
 
 @dataclass
@@ -80,7 +81,7 @@ def load_for_inference(model: str | os.PathLike, adapters: dict[str, str | os.Pa
     """Load `model` (folder, hub name or slimtune: name) and each adapter folder; the first adapter is active."""
     adapter_dirs = {name: _check_adapter_dir(Path(path), name) for name, path in (adapters or {}).items()}
     target = _device(device)
-    torch_dtype = _parse_dtype(dtype, target)
+    torch_dtype = _resolve_dtype(dtype, target)
     model = resolve_model(model)  # after the cheap checks: a slimtune: name may convert first
     tokenizer, tok_source = _load_tokenizer(str(model), list(adapter_dirs.values()))
     quant = _resolve_quantization(quantization, list(adapter_dirs.values()))
@@ -121,12 +122,9 @@ def _device(device: str | None) -> torch.device:
         raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
 
 
-def _parse_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not allowed; use one of {', '.join(_DTYPES)}")
-    chosen = _DTYPES[dtype]
-    if chosen is not None:
-        return chosen
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return parse_dtype(dtype, "--dtype", DTYPE_CHOICES)
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.bfloat16 if cuda_bf16 else torch.float32
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimtune.dtypes import dtype_name
 from slimtune.infer.loading import LoadedModel
 
 DEFAULT_TOLERANCE = {torch.float32: (1e-3, 1e-4), torch.float16: (0.1, 1e-2), torch.bfloat16: (0.5, 5e-2)}
@@ -83,7 +84,7 @@ def merge_to_dir(model: str, adapter: str | os.PathLike, output: str | os.PathLi
     merged = peft.merge_and_unload()
     dequantized = dequantize_remaining(merged)
     diff = max(float((a - b).abs().max()) for a, b in zip(before, _logits(merged, inputs)))
-    report = MergeReport(str(out), diff, threshold, scale, str(compute_dtype).removeprefix("torch."), quantized, dequantized)
+    report = MergeReport(str(out), diff, threshold, scale, dtype_name(compute_dtype), quantized, dequantized)
     if not diff <= threshold:  # also catches NaN
         raise MergeCheckFailed(
             f"merge check failed: the merged model's logits differ from the unmerged model's by up to {diff:.4g} "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slimtune.quant.linear4bit import Linear4bit
-from slimtune.quant.options import QuantOptions, parse_dtype, resolve_options
+from slimtune.quant.options import QuantOptions, parse_compute_dtype, resolve_options
 from slimtune.quant.saving import update_quantization_config
 from slimtune.quant_format.nf4 import quantize_4bit
 from slimtune.quant_format.state import QuantState
@@ -70,7 +70,7 @@ def load_model(
     """
     for key in ("dtype", "torch_dtype"):
         if key in kwargs and kwargs[key] not in (None, "auto"):
-            compute_dtype = parse_dtype(kwargs.pop(key), key)
+            compute_dtype = parse_compute_dtype(kwargs.pop(key), key)
         kwargs.pop(key, None)
     device = _single_device(kwargs.pop("device_map", None), device)
     if kwargs.pop("trust_remote_code", False):

@@ -17,20 +17,12 @@ from typing import Any
 
 import torch
 
+from slimtune.dtypes import dtype_name, parse_dtype
 from slimtune.quant_format.nf4 import VALID_QUANT_TYPES
 from slimtune.quant_format.state import check_blocksize
 
 __all__ = ["QuantOptions", "resolve_options"]
 
-_COMPUTE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
 # bitsandbytes config keys we read; the rest (int8 thresholds, storage dtype) do not apply to 4-bit here.
 _IGNORED_KEYS = {
     "quant_method", "load_in_8bit", "_load_in_8bit", "_load_in_4bit", "llm_int8_threshold",
@@ -67,14 +59,11 @@ class QuantOptions:
             )
 
 
-def parse_dtype(value: torch.dtype | str, key: str) -> torch.dtype:
-    """torch.float16 or "float16" / "torch.float16" / "fp16" -> torch.float16."""
+def parse_compute_dtype(value: torch.dtype | str, key: str) -> torch.dtype:
+    """A torch.dtype as given; a name in dtypes.DTYPES, "torch." prefix allowed: "torch.float16" -> torch.float16."""
     if isinstance(value, torch.dtype):
         return value
-    name = str(value).removeprefix("torch.")
-    if name not in _COMPUTE_DTYPES:
-        raise ValueError(f"{key}={value!r} is not a supported dtype; allowed: {sorted(_COMPUTE_DTYPES)}")
-    return _COMPUTE_DTYPES[name]
+    return parse_dtype(value.removeprefix("torch.") if isinstance(value, str) else value, key)
 
 
 def _config_dict(quantization_config: Any) -> dict[str, Any]:
@@ -119,7 +108,7 @@ def resolve_options(
     return QuantOptions(
         quant_type=quant_type,
         double_quant=cfg.get("bnb_4bit_use_double_quant", double_quant),
-        compute_dtype=parse_dtype(cfg.get("bnb_4bit_compute_dtype") or compute_dtype, "compute_dtype"),
+        compute_dtype=parse_compute_dtype(cfg.get("bnb_4bit_compute_dtype") or compute_dtype, "compute_dtype"),
         blocksize=check_blocksize(cfg.get("bnb_4bit_blocksize", blocksize), "bnb_4bit_blocksize"),
         skip_modules=skips,
     )
@@ -130,7 +119,7 @@ def bnb_config_dict(options: QuantOptions) -> dict[str, Any]:
     return {
         "_load_in_4bit": True,
         "_load_in_8bit": False,
-        "bnb_4bit_compute_dtype": str(options.compute_dtype).removeprefix("torch."),
+        "bnb_4bit_compute_dtype": dtype_name(options.compute_dtype),
         "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_quant_type": options.quant_type,
         "bnb_4bit_use_double_quant": options.double_quant,

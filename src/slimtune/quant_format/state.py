@@ -18,23 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
+from slimtune.dtypes import TORCH_NAMES, dtype_name, parse_dtype
+
 __all__ = ["QuantState", "NestedState", "QUANT_STATE_KEYS", "VALID_BLOCKSIZES", "check_blocksize"]
 
 VALID_BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Values per absmax block (and per nested block) that the quantizer, the Triton kernels and bitsandbytes take."""
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 QUANT_STATE_KEYS: tuple[str, ...] = ("absmax", "quant_map")
 _NESTED_KEYS: tuple[str, ...] = ("nested_absmax", "nested_quant_map")
 _PACKED_PREFIX = "quant_state.bitsandbytes__"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def check_blocksize(value: object, what: str = "blocksize") -> int:
@@ -42,12 +35,6 @@ def check_blocksize(value: object, what: str = "blocksize") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value not in VALID_BLOCKSIZES:
         raise ValueError(f"{what} {value!r} is not supported; allowed: {VALID_BLOCKSIZES}")
     return value
-
-
-def _parse_dtype(name: object, key: str) -> torch.dtype:
-    if not isinstance(name, str) or name not in _DTYPES:
-        raise ValueError(f"{key}: dtype {name!r} is not supported; allowed: {tuple(_DTYPES)}")
-    return _DTYPES[name]
 
 
 @dataclass
@@ -108,7 +95,7 @@ class QuantState:
         fields: dict[str, object] = {
             "quant_type": self.quant_type,
             "blocksize": self.blocksize,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": dtype_name(self.dtype),
             "shape": list(self.shape),
         }
         if self.state2 is not None:
@@ -166,7 +153,7 @@ class QuantState:
             )
         shape = _positive_ints(fields.get("shape"), f"{packed_keys[0]}: shape", allow_zero=True)
         blocksize = check_blocksize(fields.get("blocksize"), f"{packed_keys[0]}: blocksize")
-        dtype = _parse_dtype(fields.get("dtype"), packed_keys[0])
+        dtype = parse_dtype(fields.get("dtype"), f"{packed_keys[0]}: dtype", TORCH_NAMES)
         numel = torch.Size(shape).numel()
         n_blocks = -(-numel // blocksize)
         absmax, code = tensors[f"{prefix}absmax"], tensors[f"{prefix}quant_map"]

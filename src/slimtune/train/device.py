@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.dtypes import SHORT_NAMES, parse_dtype
+
 
 def resolve_device(name: str | None) -> torch.device:
     """`name` as a torch.device; None picks cuda when available, else cpu."""
@@ -28,7 +30,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of `precision` (None for fp32: no autocast)."""
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision, device)]
+    dtype = parse_dtype(resolve_precision(precision, device), "train.precision", SHORT_NAMES)
+    return None if dtype == torch.float32 else dtype
 
 
 def weights_dtype(precision: str, device: torch.device) -> torch.dtype:

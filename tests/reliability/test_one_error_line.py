@@ -75,15 +75,16 @@ def test_a_lone_surrogate_in_a_row(tmp_path: Path, tiny_model_dir: Path, tiny_ro
     assert "lone surrogate U+D800" in _one_line(result)
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
-def test_num_virtual_tokens_too_large_to_allocate(tmp_path: Path, tiny_model_dir: Path, tiny_rows: Path,
-                                                   method: str) -> None:
+@pytest.mark.parametrize(("method", "key"), [("prompt_tuning", "num_virtual_tokens"),
+                                             ("prefix_tuning", "num_virtual_tokens"), ("lora", "r")])
+def test_adapter_too_large_to_allocate(tmp_path: Path, tiny_model_dir: Path, tiny_rows: Path, method: str,
+                                       key: str) -> None:
     import yaml
 
     config = write_run_config(tmp_path, tiny_model_dir, tiny_rows, tmp_path / "run", max_steps=1)
     raw = yaml.safe_load(config.read_text())
-    raw.update(method=method, peft={"num_virtual_tokens": 10**13})  # ~10**15 floats: no allocator has them
+    raw.update(method=method, peft={key: 10**13})  # ~10**14 floats and more: no allocator has them
     config.write_text(yaml.safe_dump(raw, sort_keys=False))
     text = _one_line(CliRunner().invoke(app, ["train", str(config), "--no-progress"]))
-    assert "does not fit in memory" in text and "num_virtual_tokens" in text, text
+    assert "does not fit in memory" in text and "lower r (or num_virtual_tokens)" in text, text
     assert not (tmp_path / "run" / "adapter").exists()

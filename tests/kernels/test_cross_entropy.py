@@ -56,7 +56,7 @@ def test_row_kernel_matches_reference(dtype, write_grad, kernel_device):
     is no multiple of the 4096 block, ignored rows, extreme logits."""
     pytest.importorskip("triton")
     from slimtune.kernels.ce_rows import ce_rows_
-    from slimtune.kernels.cross_entropy import ce_rows_reference
+    from slimtune.kernels.ce_rows_reference import ce_rows_reference
 
     torch.manual_seed(1)
     v = 5000

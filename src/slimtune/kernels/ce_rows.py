@@ -4,7 +4,7 @@
 
 For each row i with z = logits[i] (read in fp32): loss_i = logsumexp(z) - z[label_i], 0 where the label is
 ignore_index. With write_grad the row is then overwritten, in logits' dtype, by dloss_i/dz =
-softmax(z) - onehot(label_i) (zeros for ignored rows). Reference: `ce_rows_reference` (cross_entropy.py,
+softmax(z) - onehot(label_i) (zeros for ignored rows). Reference: `ce_rows_reference` (ce_rows_reference.py,
 torch, fp32), which is also what CPU tensors run. One program per row, two passes over it: an online max / sum of
 exponentials, then the gradient. The (c, V) logits are never copied to fp32: transformers upcasts the
 bf16 logits before its loss, and so does the reference here, so reading bf16 and computing in fp32
@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from slimtune.kernels.cross_entropy import ce_rows_reference
+from slimtune.kernels.ce_rows_reference import ce_rows_reference
 
-__all__ = ["ce_rows_", "ce_rows_reference"]
+__all__ = ["ce_rows_"]
 
 
 @triton.jit

@@ -16,7 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["chunked_linear_cross_entropy", "cross_entropy_reference", "ce_rows_reference", "default_chunk"]
+from slimtune.kernels.ce_rows_reference import ce_rows_reference
+from slimtune.kernels.dispatch import use_triton
+
+__all__ = ["chunked_linear_cross_entropy", "cross_entropy_reference", "default_chunk"]
 
 
 def default_chunk(vocab_size: int) -> int:
@@ -90,30 +93,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _row_kernel(hidden: torch.Tensor) -> Any:
     """ce_rows_ (Triton on CUDA), or the torch reference where Triton does not run."""
-    from slimtune.kernels.dispatch import use_triton
-
     if use_triton(hidden):
         from slimtune.kernels.ce_rows import ce_rows_
 
         return ce_rows_
     return ce_rows_reference
-
-
-def ce_rows_reference(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, write_grad: bool) -> torch.Tensor:
-    """Row losses (c,) fp32 of logits (c, V); with write_grad the logits become dloss/dlogits: fp32
-    log-softmax, the gradient rounded once to logits' dtype. The reference of kernels/ce_rows.py, and
-    what runs where Triton does not."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)  # (c,)
-    valid = labels != ignore_index
-    index = torch.where(valid, labels, 0).unsqueeze(1)
-    loss = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0.0)
-    if write_grad:
-        grad = torch.exp_(z.sub_(lse.unsqueeze(1)))  # softmax, in z's memory (logits' own when fp32)
-        grad.scatter_add_(1, index, torch.full_like(index, -1, dtype=grad.dtype))
-        grad.mul_(valid.unsqueeze(1))
-        logits.copy_(grad)
-    return loss
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -26,7 +26,7 @@ from slimtune.quant_format.nf4 import dequantize_4bit
 from slimtune.quant_format.state import QuantState
 
 __all__ = ["fast_path_mode", "set_fast_path", "triton_available", "use_fused", "use_triton",
-           "dequantize_to_buffer", "scratch"]
+           "dequantize_to_buffer", "dense_weight", "scratch"]
 
 _MODES = ("auto", "on", "off")
 _mode: str | None = None
@@ -102,3 +102,9 @@ def dequantize_to_buffer(packed: torch.Tensor, state: QuantState, dtype: torch.d
         out = scratch(state.shape.numel(), dtype, packed.device).view(state.shape)
         return dequantize_4bit_triton(packed, state, out=out)
     return dequantize_4bit(packed, state).to(dtype)
+
+
+def dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight of a linear layer in `dtype`: a plain weight cast, or a 4-bit one (`state` given)
+    dequantized by `dequantize_to_buffer` (valid until the next call on the same device and dtype)."""
+    return weight.to(dtype) if state is None else dequantize_to_buffer(weight, state, dtype)

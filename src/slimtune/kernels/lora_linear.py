@@ -28,17 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.dispatch import dequantize_to_buffer, use_triton
+from slimtune.kernels.dispatch import dense_weight, use_triton
 from slimtune.kernels.nf4_routing import DECODE_ROWS
 from slimtune.quant_format.nf4 import dequantize_4bit
 from slimtune.quant_format.state import QuantState
 
 __all__ = ["lora_linear", "lora_linear_reference", "base_matmul"]
-
-
-def _dense_weight(weight: torch.Tensor, state: QuantState | None, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) base weight in `dtype`: a plain weight cast, or a 4-bit one dequantized (reused buffer)."""
-    return weight.to(dtype) if state is None else dequantize_to_buffer(weight, state, dtype)
 
 
 def base_matmul(x2: torch.Tensor, weight: torch.Tensor, state: QuantState | None,
@@ -54,7 +49,7 @@ def base_matmul(x2: torch.Tensor, weight: torch.Tensor, state: QuantState | None
 
         if supports(x2, state):
             return matmul_4bit_triton(x2, weight, state, bias)
-    return F.linear(x2, _dense_weight(weight, state, x2.dtype), bias)
+    return F.linear(x2, dense_weight(weight, state, x2.dtype), bias)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -101,7 +96,7 @@ class _LoraLinear(torch.autograd.Function):
         gb = (g @ b).mul_(s)  # (N, r) = s dY B
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ _dense_weight(weight, ctx.state, dtype)  # (N, in) = dY W
+            grad_x = g @ dense_weight(weight, ctx.state, dtype)  # (N, in) = dY W
             grad_x.addmm_(gb, a)  # + s (dY B) A
             grad_x = grad_x.reshape(ctx.x_shape)
         if ctx.needs_input_grad[4]:

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimtune.kernels.lora_linear import _dense_weight, base_matmul
+from slimtune.kernels.dispatch import dense_weight
+from slimtune.kernels.lora_linear import base_matmul
 from slimtune.quant_format.state import QuantState
 
 __all__ = ["Projection", "lora_mlp", "lora_mlp_reference", "tile_rows", "TILE_BYTES", "TILE_BYTES_4BIT"]
@@ -156,7 +157,7 @@ class _LoraMLP(torch.autograd.Function):
             g_t, u_t, dy_t = g[s:e], u[s:e], dy[s:e]
             h_t = _silu_mul(g_t, u_t)
             gb_d = (dy_t @ b[2]).mul_(down.scaling)  # (t, r)
-            dh = dy_t @ _dense_weight(down.weight, down.state, dtype)  # (t, F)
+            dh = dy_t @ dense_weight(down.weight, down.state, dtype)  # (t, F)
             dh.addmm_(gb_d, a[2])
             acc[4].add_(gb_d.T @ h_t)
             acc[5].add_((dy_t.T @ xa_d[s:e]).mul_(down.scaling))
@@ -171,8 +172,8 @@ class _LoraMLP(torch.autograd.Function):
             acc[3].add_((du.T @ xa_u[s:e]).mul_(up.scaling))
             if need_x:
                 dx = grad_x[s:e]
-                torch.mm(dg, _dense_weight(gate.weight, gate.state, dtype), out=dx)
-                dx.addmm_(du, _dense_weight(up.weight, up.state, dtype))
+                torch.mm(dg, dense_weight(gate.weight, gate.state, dtype), out=dx)
+                dx.addmm_(du, dense_weight(up.weight, up.state, dtype))
                 dx.addmm_(gb_g, a[0]).addmm_(gb_u, a[1])
             del dg, du, dh
         params = [m for p in ctx.projections for m in (p.lora_a, p.lora_b)]

@@ -92,7 +92,7 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path: Path, tiny_model_dir:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--train.lrr", "1"], "unknown key 'lrr' in section 'train'; did you mean 'lr'?"),
+        (["--train.lrr", "1"], "unknown override --train.lrr: section 'train' has no key 'lrr'; did you mean --train.lr?"),
         (["--method", "lroa"], "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
         (["--method", "prefix_tuning"], "unknown key 'r' in section 'peft'"),
         (["--model", "/nonexistent/model"], "model: cannot load"),

@@ -14,7 +14,7 @@ def run_eval_command(cfg: EvalConfig) -> None:
     from slimtune.eval import run_eval
 
     quiet_transformers()
-    result = run_eval(cfg, log=lambda text: console.print(text, highlight=False))
+    result = run_eval(cfg, log=lambda text: console.print(text, markup=False, highlight=False))
     for name, values in result.metrics["models"].items():
         shown = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
         console.print(f"[bold]{name}[/bold]: {shown}", highlight=False)

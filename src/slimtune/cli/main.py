@@ -33,6 +33,26 @@ app.add_typer(data_app, name="data")
 
 OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("slimtune")
+        except PackageNotFoundError:  # imported from a source tree that was never installed
+            from slimtune import __version__ as installed
+        typer.echo(f"slimtune {installed}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_print_version,
+                                          help="Print the installed slimtune version and exit.")] = False,
+) -> None:
+    """Options that apply before any command."""
+
 ConfigArg = Annotated[Path, typer.Argument(help="Run YAML: model, method, peft, data, train, output_dir "
                                             "(keys below).", show_default=False)]
 
@@ -91,7 +111,10 @@ def data_inspect(
         tokenizer = load_tokenizer(cfg.model)
         report = inspect_data(cfg.data, tokenizer, cfg.train.max_seq_len, seed=cfg.train.seed,
                               sample_index=sample)
-        Console().print(report.render(markup=True), highlight=False, soft_wrap=True)
+        out = Console()
+        # colour marks the trained tokens only where colour shows; elsewhere they are bracketed in plain text
+        coloured = out.is_terminal and out.color_system is not None and not out.no_color
+        out.print(report.render(markup=coloured), markup=coloured, highlight=False, soft_wrap=True)
 
     guarded(body)
 

@@ -24,7 +24,8 @@ class InspectReport:
     added_tokens: list[str]
 
     def render(self, markup: bool = False) -> str:
-        """A readable report. markup=True marks trained spans with rich markup instead of ⟦ ⟧."""
+        """A readable report. Trained spans sit inside ⟦ ⟧, or with markup=True in green rich markup
+        (for a colour terminal only: piped or NO_COLOR output would lose the colour, and with it the mask)."""
         s = self.stats
         lengths = s.length_summary()
         lines = [
@@ -43,8 +44,9 @@ class InspectReport:
         ]
         if self.added_tokens:
             lines.append(f"tokens added to the tokenizer (resize embeddings): {', '.join(self.added_tokens)}")
-        legend = "[bold green]trained[/]" if markup else f"{OPEN}trained{CLOSE}"
-        lines += ["", f"sample ({legend} = loss-bearing):", self.sample_text(markup)]
+        legend = ("[bold green]green[/] text is trained (loss-bearing)" if markup
+                  else f"text inside {OPEN} {CLOSE} is trained (loss-bearing)")
+        lines += ["", f"sample ({legend}; the rest is masked, no loss):", self.sample_text(markup)]
         return "\n".join(lines)
 
     def sample_text(self, markup: bool = False) -> str:

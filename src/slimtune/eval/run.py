@@ -22,6 +22,10 @@ from slimtune.infer.loading import LoadedModel
 FINETUNED = "finetuned"
 """Name the adapter is loaded under; the base model runs with adapters disabled."""
 
+MODEL_LABELS = {"base": "base model (adapter off)", FINETUNED: "tuned model (base + adapter)",
+                "model": "model (no adapter given)"}
+"""How progress lines name each scored model."""
+
 
 @dataclass
 class GenItem:
@@ -61,12 +65,13 @@ def run_eval(cfg: EvalConfig, log: Any = print) -> EvalResult:
     per_sample: dict[str, Any] = {}
     for name in names:
         adapter = FINETUNED if name == FINETUNED else None
-        log(f"[{name}] perplexity on {len(examples)} examples")
+        label = MODEL_LABELS.get(name, name)
+        log(f"scoring the {label}: perplexity on {len(examples)} examples")
         with adapter_scope(loaded.model, adapter):
             ppl = perplexity(loaded.model, examples, loaded.tokenizer.pad_token_id, cfg.batch_size) if examples else None
         entry: dict[str, Any] = {"perplexity": ppl.perplexity, "loss": ppl.loss, "ppl_tokens": ppl.tokens} if ppl else {}
         if items:
-            log(f"[{name}] generating {len(items)} answers")
+            log(f"scoring the {label}: generating {len(items)} answers")
             answers[name] = _answer(loaded, items, cfg, adapter)
             scores = score_corpus(answers[name], [i.reference for i in items])
             entry.update(scores.summary())

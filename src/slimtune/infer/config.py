@@ -24,7 +24,8 @@ class LoadConfig:
     model: str
     """Base model: a folder in Hugging Face format, a hub name or slimtune:smollm2-135m-instruct."""
     quantization: str = "auto"
-    """auto (4-bit when an adapter comes from a QLoRA run) | none | nf4 | fp4."""
+    """auto (4-bit when the adapter was trained on a 4-bit base: its base_quantization.json, or the
+    config.yaml of its QLoRA run folder, says so) | none | nf4 | fp4."""
     dtype: str = "auto"
     """auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16."""
     device: str | None = None

@@ -6,7 +6,8 @@ to the adapter), else from the base model. Stop token ids are the union of the g
 `eos_token_id` and the tokenizer's eos.
 
 A QLoRA adapter was trained against the 4-bit base, so by default (`quantization="auto"`) the base is
-loaded 4-bit when the run folder above the adapter (`<run>/config.yaml`) says `method: qlora`.
+loaded as the adapter folder's base_quantization.json records (slimtune.adapter_base), or, for a folder
+without one, 4-bit when the run folder above it (`<run>/config.yaml`) says `method: qlora`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from slimtune.adapter_base import BaseQuantization, read_base_quantization
 from slimtune.dtypes import parse_dtype
 from slimtune.models import refuse_remote_tokenizer, resolve_model
 
@@ -147,12 +149,16 @@ def _load_tokenizer(model: str, adapter_dirs: list[Path]) -> tuple[Any, str]:
     return tokenizer, source
 
 
-def _resolve_quantization(quantization: str, adapter_dirs: list[Path]) -> str:
+def _resolve_quantization(quantization: str, adapter_dirs: list[Path]) -> BaseQuantization:
+    """How to load the base: `quantization` itself unless "auto", else as the first adapter that says."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"--quantization {quantization!r} is not allowed; use one of {', '.join(QUANTIZATIONS)}")
     if quantization != "auto":
-        return quantization
+        return BaseQuantization(quantization, quantization != "none")
     for folder in adapter_dirs:
+        record = read_base_quantization(folder)
+        if record is not None:
+            return record
         run_config = folder.parent / "config.yaml"
         if run_config.is_file():
             from slimtune.strict_yaml import load_yaml
@@ -162,16 +168,18 @@ def _resolve_quantization(quantization: str, adapter_dirs: list[Path]) -> str:
                 raise ValueError(f"{run_config}: expected the run config of the adapter's run (a mapping); "
                                  f"got a {type(raw).__name__}; pass --quantization to skip reading it")
             if raw.get("method") == "qlora":
-                return str((raw.get("quant") or {}).get("type", "nf4"))
-    return "none"
+                quant = raw.get("quant") or {}
+                return BaseQuantization(str(quant.get("type", "nf4")), quant.get("double_quant", True) is not False)
+    return BaseQuantization("none", False)
 
 
-def _load_base(model: str, quant: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _load_base(model: str, quant: BaseQuantization, dtype: torch.dtype, device: torch.device) -> nn.Module:
     try:
-        if quant in ("nf4", "fp4"):
+        if quant.quantization in ("nf4", "fp4"):
             from slimtune.quant import load_model  # lazy: only 4-bit bases need the quant code
 
-            return load_model(model, quantization=quant, compute_dtype=dtype, device=device)
+            return load_model(model, quantization=quant.quantization, double_quant=quant.double_quant,
+                              compute_dtype=dtype, device=device)
         from transformers import AutoModelForCausalLM
 
         # use_safetensors: a folder holding only pytorch_model.bin is refused, never unpickled

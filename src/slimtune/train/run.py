@@ -2,7 +2,7 @@
 
 `run_training(cfg, resume)` is what `slimtune train` calls. The run folder ends up holding:
   config.yaml        the resolved config          checkpoints/step-N/   resumable state (newest 2)
-  adapter/           PEFT adapter + tokenizer     (model/ instead, for method full)
+  adapter/           PEFT adapter + tokenizer + base_quantization.json (model/ instead, for method full)
   metrics.jsonl      one row per logged step      tensorboard/          the same, for TensorBoard
   loss.png           loss and lr by step          README.md             model card
   .slimtune-run.json marks the folder as a run folder slimtune may rewrite (train/run_folder.py)
@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from safetensors import SafetensorError
 from torch import nn
 
+from slimtune.adapter_base import BaseQuantization, write_base_quantization
 from slimtune.kernels.llama_fused import fast_modules
 from slimtune.models import refuse_remote_tokenizer, resolve_model
 from slimtune.peft_model import adapter_errors, count_parameters
@@ -107,14 +109,35 @@ def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: An
     from slimtune.data import save_tokenizer_for_run
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    save_atomically(artifact, lambda tmp: (model.save_pretrained(str(tmp)), save_tokenizer_for_run(
-        tokenizer, data.template, tmp, generation_config=getattr(base, "generation_config", None))))
+    spec = method_spec(cfg.method)
+    quantized = spec.quantized
+    # recorded in the adapter folder, so the adapter loads on the base it was trained on wherever it is copied
+    record = BaseQuantization(cfg.quant.type if quantized else "none", quantized and cfg.quant.double_quant)
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        save_tokenizer_for_run(tokenizer, data.template, tmp, generation_config=getattr(base, "generation_config",
+                                                                                          None))
+        if spec.config_class is not None:  # an adapter folder (method full saves a whole model)
+            write_base_quantization(tmp, record)
+
+    save_atomically(artifact, write)
     plot_metrics(state.history, artifact.parent / PLOT_FILE, console)
     # the card's code loads the base with plain transformers, which knows folders, not slimtune: names
     card_cfg = replace(cfg, model=resolve_model(cfg.model))
     write_model_card(artifact.parent / "README.md", card_cfg, state, data.stats, artifact.name)
-    console.print(f"[green]done:[/green] {state.step} steps; {artifact.name} saved to {artifact}")
+    console.print(f"[green]done:[/green] {state.step} steps; {escape(str(artifact.parent))} holds "
+                  f"{escape(', '.join(_run_folder_entries(artifact.parent)))}", highlight=False, soft_wrap=True)
     return artifact
+
+
+def _run_folder_entries(run: Path) -> list[str]:
+    """What the run folder holds, as listed on disk (folders end in '/'); hidden bookkeeping files left out.
+
+    check_output_dir admits only a new folder or a slimtune run folder, so all it holds is run output.
+    """
+    entries = (p for p in run.iterdir() if not p.name.startswith("."))
+    return [f"{p.name}/" if p.is_dir() else p.name for p in sorted(entries, key=lambda p: p.name.lower())]
 
 
 def check_output_dir(out: Path, resume: bool) -> None:
@@ -173,6 +196,11 @@ def describe_run(console: Console, cfg: RunConfig, data: Any, model: nn.Module, 
         f"template {stats.template}); {total_steps} steps of {cfg.train.batch_size} x {cfg.train.grad_accum} "
         f"on {device} in {precision}"
     )
+    if method_spec(cfg.method).quantized and device.type == "cpu":
+        console.print("[yellow]warning: qlora on CPU is slower than lora: every matmul dequantizes the 4-bit "
+                      "weights first (no fused 4-bit kernel on CPU), and the memory it saves rarely matters for a "
+                      "model small enough to train on CPU; consider method: lora[/yellow]", highlight=False,
+                      soft_wrap=True)
     fused = fast_modules(model)
     if fused:
         console.print(f"fast path: fused {', '.join(sorted(set(fused.values())))} in {len(fused)} modules "

@@ -19,7 +19,7 @@ from slimtune.models import DEFAULT_MODEL, check_model_name
 from slimtune.strict_yaml import load_yaml, load_yaml_text
 from slimtune.train.config import TrainConfig
 from slimtune.train.methods import METHODS, check_peft_section, method_spec
-from slimtune.train.schema import check_keys, coerce, from_mapping, to_plain
+from slimtune.train.schema import UnknownKeyError, check_keys, coerce, from_mapping, to_plain
 
 
 def _data_config_class() -> type:
@@ -107,11 +107,26 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run config must be a YAML mapping of sections (model, method, peft, data, "
                          f"train, output_dir), got a {type(raw).__name__}")
+    parsed = parse_overrides(overrides or [])
     try:
-        apply_overrides(raw, parse_overrides(overrides or []))
+        apply_overrides(raw, parsed)
         return RunConfig.from_dict(raw)
+    except UnknownKeyError as err:
+        given = next((key for key in parsed if f"{key}.".startswith(f"{err.dotted}.")), None)
+        if given is None:
+            raise ValueError(f"{path}: {err}") from None
+        raise ValueError(unknown_override(given, err)) from None
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: {err}") from None
+
+
+def unknown_override(given: str, err: UnknownKeyError) -> str:
+    """The message for override `--given` whose part `err.key` is unknown, with the corrected override."""
+    where = f"section '{err.section}'" if err.section else "the top level"
+    if err.suggestion is None:
+        return f"unknown override --{given}: {where} has no key '{err.key}'; allowed: {', '.join(sorted(err.allowed))}"
+    fixed = (f"{err.section}." if err.section else "") + err.suggestion + given[len(err.dotted):]
+    return f"unknown override --{given}: {where} has no key '{err.key}'; did you mean --{fixed}?"
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -18,15 +18,53 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 
+class UnknownKeyError(ValueError):
+    """A key no config section has; `suggestion` is the closest valid key, None if nothing is close."""
+
+    def __init__(self, key: str, section: str, suggestion: str | None, allowed: list[str]) -> None:
+        where = f"section '{section}'" if section else "the top level"
+        hint = f"; did you mean '{suggestion}'?" if suggestion else f"; allowed: {', '.join(sorted(allowed))}"
+        super().__init__(f"unknown key '{key}' in {where}{hint}")
+        self.key, self.section, self.suggestion, self.allowed = key, section, suggestion, allowed
+
+    @property
+    def dotted(self) -> str:
+        """The key as a `--section.key` override spells it (without the dashes)."""
+        return f"{self.section}.{self.key}" if self.section else self.key
+
+
 def check_keys(keys: Iterable[str], allowed: Iterable[str], section: str) -> None:
-    """Raise ValueError for the first key not in `allowed`, suggesting the closest valid one."""
+    """Raise UnknownKeyError for the first key not in `allowed`, suggesting the closest valid one."""
     allowed = list(allowed)
     for key in keys:
         if key not in allowed:
-            where = f"section '{section}'" if section else "the top level"
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed: {', '.join(sorted(allowed))}"
-            raise ValueError(f"unknown key '{key}' in {where}{hint}")
+            raise UnknownKeyError(str(key), section, closest_key(str(key), allowed), allowed)
+
+
+def closest_key(key: str, allowed: list[str]) -> str | None:
+    """The valid key `key` most likely meant: the longest one that abbreviates it word by word (`lr` for
+    learning_rate, `grad_accum` for gradient_accumulation_steps, `epochs` for num_train_epochs, as other
+    trainers spell them), else the closest spelling by difflib (`max_seq_len` for max_seq_length)."""
+    short = [a for a in allowed if _abbreviates(a, key)]
+    if short:
+        return max(short, key=len)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return close[0] if close else None
+
+
+def _abbreviates(short: str, long: str) -> bool:
+    """`short` is the initials of `long`'s words, or each of its words starts one of `long`'s words, in order."""
+    words = long.lower().split("_")
+    if short == long or not short:
+        return False
+    if len(words) > 1 and short == "".join(w[:1] for w in words):
+        return True
+    parts, matched = short.split("_"), 0
+    for word in words:
+        part = parts[matched] if matched < len(parts) else ""
+        if part and word.startswith(part) and (len(part) > 1 or part == word):  # 'r' stands for r, not rate
+            matched += 1
+    return matched == len(parts)
 
 
 def field_types(cls: type) -> dict[str, Any]:

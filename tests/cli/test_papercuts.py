@@ -27,8 +27,8 @@ from slimtune.train.schema import closest_key
 CPU_WARNING = "warning: qlora on CPU is slower than lora"
 
 
-def invoke(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(app, list(args), env=env)
+def invoke(*args: str, env: dict[str, str | None] | None = None, input: str | None = None):
+    return CliRunner().invoke(app, list(args), env=env, input=input)
 
 
 def test_version_prints_the_installed_version() -> None:
@@ -170,3 +170,21 @@ def test_closest_train_key(typed: str, meant: str | None) -> None:
 def test_closest_key_single_letters_stand_for_whole_words() -> None:
     assert closest_key("lora_r", ["r", "lora_alpha", "lora_dropout"]) == "r"
     assert closest_key("dropout_rate", ["r", "lora_alpha"]) is None  # r is no abbreviation of rate
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("{", "not a JSON object"),
+    ('{"quantization": "int8", "double_quant": true}', "quantization='int8' is not one of none, nf4, fp4"),
+    ('{"quantization": "nf4"}', "expected exactly the keys 'quantization' and 'double_quant'"),
+    ('{"quantization": "nf4", "double_quant": "yes"}', "double_quant='yes' must be true or false"),
+])
+def test_a_malformed_record_is_one_error_naming_the_file(tiny_chat, tmp_path: Path, text: str,  # noqa: F811
+                                                         message: str) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_chat.adapters["beta"], adapter)
+    (adapter / BASE_FILE).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{adapter / BASE_FILE}: ") + ".*" + re.escape(message)):
+        load_for_inference(str(tiny_chat.base), {"a": adapter}, device="cpu")
+    result = invoke("chat", "--model", str(tiny_chat.base), "--adapter", str(adapter), "--device", "cpu",
+                    input="/exit\n")
+    assert result.exit_code == 2 and message in " ".join(result.output.split()) and "Traceback" not in result.output

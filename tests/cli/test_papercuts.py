@@ -158,7 +158,9 @@ def test_mistyped_override_and_yaml_key_get_the_real_key(tmp_path: Path, tiny_mo
 @pytest.mark.parametrize(("typed", "meant"), [
     ("learning_rate", "lr"), ("gradient_accumulation_steps", "grad_accum"), ("num_train_epochs", "epochs"),
     ("per_device_train_batch_size", "batch_size"), ("max_seq_length", "max_seq_len"), ("weight_decy", "weight_decay"),
-    ("lr_scheduler_type", "scheduler"), ("logging_steps", None),
+    ("lr_scheduler_type", "scheduler"), ("logging_steps", "log_every"), ("save_steps", "save_every"),
+    ("eval_steps", "eval_every"), ("save_total_limit", "keep_checkpoints"), ("bf16", "precision"),
+    ("learning_rte", "lr"), ("wieght_decay", "weight_decay"), ("banana", None),
 ])
 def test_closest_train_key(typed: str, meant: str | None) -> None:
     from slimtune.train.config import TrainConfig

@@ -93,7 +93,7 @@ def test_resume_through_the_cli_is_bit_identical(tmp_path: Path, tiny_model_dir:
     ("args", "message"),
     [
         (["--train.lrr", "1"], "unknown override --train.lrr: section 'train' has no key 'lrr'; did you mean --train.lr?"),
-        (["--method", "lroa"], "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
+        (["--method", "lroa"], "method 'lroa' is not a slimtune method; did you mean 'lora'? allowed: "),
         (["--method", "prefix_tuning"], "unknown key 'r' in section 'peft'"),
         (["--model", "/nonexistent/model"], "model: cannot load"),
         (["--model", "slimtune:smollm2"], "model='slimtune:smollm2': no shipped model 'smollm2'; known names: "

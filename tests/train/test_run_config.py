@@ -40,7 +40,7 @@ def test_valid_config_types_and_defaults(tmp_path: Path) -> None:
         ({**BASE, "data": {"pth": "x"}}, "unknown key 'pth' in section 'data'; did you mean 'path'?"),
         ({**BASE, "peft": {"lora_alpah": 4}}, "unknown key 'lora_alpah' in section 'peft'; did you mean 'lora_alpha'?"),
         ({**BASE, "quant": {"typ": "nf4"}, "method": "qlora"}, "unknown key 'typ' in section 'quant'; did you mean 'type'?"),
-        ({**BASE, "method": "lroa"}, "unknown key 'lroa' in section 'method'; did you mean 'lora'?"),
+        ({**BASE, "method": "lroa"}, "method 'lroa' is not a slimtune method; did you mean 'lora'? allowed: "),
         ({**BASE, "train": {"batch_size": "four"}}, "train.batch_size must be an integer; got 'four'"),
         ({**BASE, "train": {"precision": "fp8"}}, "train.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
         ({**BASE, "train": {"lr": 0}}, "train.lr must be > 0 and finite, got 0.0"),

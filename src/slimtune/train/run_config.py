@@ -19,7 +19,7 @@ from slimtune.models import DEFAULT_MODEL, check_model_name
 from slimtune.strict_yaml import load_yaml, load_yaml_text
 from slimtune.train.config import TrainConfig
 from slimtune.train.methods import METHODS, check_peft_section, method_spec
-from slimtune.train.schema import UnknownKeyError, check_keys, coerce, from_mapping, to_plain
+from slimtune.train.schema import UnknownKeyError, check_keys, closest_key, coerce, from_mapping, to_plain
 
 
 def _data_config_class() -> type:
@@ -61,7 +61,10 @@ class RunConfig:
         check_model_name(self.model)
         if not self.output_dir:
             raise ValueError("'output_dir' must be a folder path")
-        check_keys([self.method], METHODS, "method")
+        if self.method not in METHODS:
+            suggestion = closest_key(self.method, list(METHODS))
+            hint = f"did you mean '{suggestion}'? " if suggestion else ""
+            raise ValueError(f"method '{self.method}' is not a slimtune method; {hint}allowed: {', '.join(METHODS)}")
         check_peft_section(self.method, self.peft)
         from slimtune.data.loading import check_builtin_name
 

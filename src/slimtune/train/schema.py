@@ -41,10 +41,25 @@ def check_keys(keys: Iterable[str], allowed: Iterable[str], section: str) -> Non
             raise UnknownKeyError(str(key), section, closest_key(str(key), allowed), allowed)
 
 
+# Names that transformers' TrainingArguments, TRL and peft users write, and the key slimtune spells them
+# with; a name is suggested only where the section has that key.
+OTHER_TRAINERS_NAMES: dict[str, str] = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_len",
+    "max_seq_length": "max_seq_len", "save_steps": "save_every", "logging_steps": "log_every",
+    "eval_steps": "eval_every", "save_total_limit": "keep_checkpoints", "lr_scheduler_type": "scheduler",
+    "warmup": "warmup_steps", "bf16": "precision", "fp16": "precision", "lora_r": "r", "rank": "r",
+    "lora_rank": "r",
+}  # fmt: skip
+
+
 def closest_key(key: str, allowed: list[str]) -> str | None:
-    """The valid key `key` most likely meant: the longest one that abbreviates it word by word (`lr` for
-    learning_rate, `grad_accum` for gradient_accumulation_steps, `epochs` for num_train_epochs, as other
-    trainers spell them), else the closest spelling by difflib (`max_seq_len` for max_seq_length)."""
+    """The valid key `key` most likely meant: the name other trainers give it (OTHER_TRAINERS_NAMES:
+    `save_every` for save_steps), else the longest key that abbreviates it word by word (`lr` for
+    learning_rate, `grad_accum` for gradient_accumulation_steps), else the closest spelling by difflib
+    (`max_seq_len` for max_seq_lenght)."""
+    if OTHER_TRAINERS_NAMES.get(key) in allowed:
+        return OTHER_TRAINERS_NAMES[key]
     short = [a for a in allowed if _abbreviates(a, key)]
     if short:
         return max(short, key=len)

@@ -97,7 +97,7 @@ def _count_4bit(model: torch.nn.Module) -> int:
 
 def test_qlora_adapter_keeps_its_4bit_base_outside_the_run_folder(tmp_path: Path, tiny_model_dir: Path) -> None:
     config = golden_config(tmp_path, tiny_model_dir, "qlora")
-    result = invoke("train", str(config), "--no-progress", "--train.max_steps", "1")
+    result = invoke("train", str(config), "--no-progress", "--train.max_steps", "1", "--train.save_every", "1")
     assert result.exit_code == 0, result.output
     warning = [line for line in result.output.splitlines() if CPU_WARNING in line]
     assert len(warning) == 1 and "consider method: lora" in warning[0] and "dequantizes" in warning[0]
@@ -111,6 +111,10 @@ def test_qlora_adapter_keeps_its_4bit_base_outside_the_run_folder(tmp_path: Path
     ids = torch.tensor([[5, 17, 42, 99]])
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, in_run.model(input_ids=ids).logits)
+
+    from_checkpoint = tmp_path / "elsewhere" / "step-1-adapter"  # a checkpoint's adapter carries it too
+    shutil.copytree(tmp_path / "run-qlora" / "checkpoints" / "step-1" / "adapter", from_checkpoint)
+    assert _count_4bit(load_for_inference(str(tiny_model_dir), {"a": from_checkpoint}, device="cpu").model) == 14
 
     (moved / BASE_FILE).unlink()  # without the record, nothing says the base was 4-bit
     assert _count_4bit(load_for_inference(str(tiny_model_dir), {"a": moved}, device="cpu").model) == 0

@@ -9,7 +9,8 @@ after the new one is in place, so a crash at any moment leaves the last good che
 Layout of one checkpoint:
   trainable.safetensors   every trainable parameter, exact (what resume loads)
   method_state.safetensors  a PEFT method's state outside its parameters, if any (AdaLoRA's rank allocator)
-  adapter/                the adapter in PEFT format (save_pretrained), for PEFT methods
+  adapter/                the adapter in PEFT format (save_pretrained), for PEFT methods, with
+                          base_quantization.json (the base it was trained on)
   optimizer.pt scheduler.pt scaler.pt rng.pt   state dicts (tensors and primitives only)
   trainer_state.json      step, data position, shuffling seed, early stopping, metrics so far, the
                           partial metrics window
@@ -44,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from slimtune.adapter_base import BaseQuantization, write_base_quantization
 from slimtune.train.checkpoint_content import (
     check_optimizer_state,
     check_rng_state,
@@ -76,6 +78,8 @@ class Checkpointable:
     scaler: torch.amp.GradScaler
     save_adapter: bool
     """Also write the adapter with save_pretrained (PEFT methods)."""
+    base_record: BaseQuantization | None = None
+    """Written beside that adapter (slimtune.adapter_base), so a checkpoint's adapter loads on its base."""
     shard: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     """shard(complete saved tensor, live parameter) -> the tensor laid out like the parameter (FSDP2: this
     rank's shard, see train/distributed.py); None: parameters are complete tensors."""
@@ -135,6 +139,8 @@ def _write_checkpoint(tmp: Path, objs: Checkpointable, state: TrainState,
         save_file(extra, str(tmp / METHOD_STATE))
     if objs.save_adapter:
         objs.model.save_pretrained(str(tmp / "adapter"))
+        if objs.base_record is not None:
+            write_base_quantization(tmp / "adapter", objs.base_record)
     torch.save(optimizer, tmp / "optimizer.pt")
     torch.save(objs.scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(objs.scaler.state_dict(), tmp / "scaler.pt")

@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from slimtune.adapter_base import BaseQuantization
 from slimtune.train.checkpoint import (
     Checkpointable,
     NonFiniteState,
@@ -49,7 +50,8 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig, train_rows: Sequence[Row],
                  eval_rows: Sequence[Row] | None, collate: Callable[[list[Row]], Batch], output_dir: Path,
-                 *, plan: BatchPlan | None = None, save_adapter: bool = True, progress: bool = True,
+                 *, plan: BatchPlan | None = None, save_adapter: bool = True,
+                 base_record: BaseQuantization | None = None, progress: bool = True,
                  console: Console | None = None):
         if not train_rows:
             raise ValueError("no training rows: the data file is empty or every row was skipped")
@@ -69,7 +71,7 @@ class Trainer:
         self.ckpt = Checkpointable(
             model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg, self.total_steps),
             scaler=torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16),
-            save_adapter=save_adapter,
+            save_adapter=save_adapter, base_record=base_record,
         )
         self.state = TrainState(data_seed=self.plan.seed)
         self.graphs = self.build_graphs()

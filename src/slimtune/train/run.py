@@ -95,7 +95,7 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     extra = {"strategy": cfg.train.distributed} if is_distributed() else {}
     trainer = (DistributedTrainer if is_distributed() else Trainer)(
         model, cfg.train, data.train, data.eval, collate, out, plan=plan, save_adapter=is_peft,
-        progress=progress and is_main(), console=console, **extra)
+        base_record=base_record(cfg), progress=progress and is_main(), console=console, **extra)
     state = trainer.fit(resume=resume)
 
     artifact = save_on_main(model, lambda: save_outputs(out / ("adapter" if is_peft else "model"), cfg, model,
@@ -110,9 +110,7 @@ def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: An
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     spec = method_spec(cfg.method)
-    quantized = spec.quantized
-    # recorded in the adapter folder, so the adapter loads on the base it was trained on wherever it is copied
-    record = BaseQuantization(cfg.quant.type if quantized else "none", quantized and cfg.quant.double_quant)
+    record = base_record(cfg)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
@@ -129,6 +127,13 @@ def save_outputs(artifact: Path, cfg: RunConfig, model: nn.Module, tokenizer: An
     console.print(f"[green]done:[/green] {state.step} steps; {escape(str(artifact.parent))} holds "
                   f"{escape(', '.join(_run_folder_entries(artifact.parent)))}", highlight=False, soft_wrap=True)
     return artifact
+
+
+def base_record(cfg: RunConfig) -> BaseQuantization:
+    """How the run loads its base, recorded in every adapter folder it writes (final and checkpoints), so an
+    adapter loads on the base it was trained on wherever it is copied."""
+    quantized = method_spec(cfg.method).quantized
+    return BaseQuantization(cfg.quant.type if quantized else "none", quantized and cfg.quant.double_quant)
 
 
 def _run_folder_entries(run: Path) -> list[str]:

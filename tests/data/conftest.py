@@ -60,3 +60,9 @@ def bos_tok(bpe_json):
 def chatml_tok(bpe_json):
     """A tokenizer with its own ChatML chat template (like SmolLM2 / Qwen)."""
     return _wrap(bpe_json, CHATML_JINJA, add_bos=False)
+
+
+@pytest.fixture
+def bos_chatml_tok(bpe_json):
+    """Its own ChatML chat template, and it prepends <s> to plain text itself."""
+    return _wrap(bpe_json, CHATML_JINJA, add_bos=True)

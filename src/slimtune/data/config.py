@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMATS = ("auto", "alpaca", "belle", "sharegpt", "messages", "text")
+FORMATS = ("auto", "alpaca", "belle", "sharegpt", "messages", "prompt_completion", "text")
 """Row formats: `auto` detects one of the others from the first rows' keys."""
 
 BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama2", "chatglm")
@@ -26,8 +26,9 @@ class DataConfig:
     (`wordnet_instruct`, English; `tang300_zh`, Chinese check set)."""
 
     format: str = "auto"
-    """Row format: auto | alpaca | belle | sharegpt | messages | text. `auto` detects it from the
-    first rows' keys; an explicit format is checked on every row."""
+    """Row format: auto | alpaca | belle | sharegpt | messages | prompt_completion | text. `auto` detects
+    it from the first rows' keys; an explicit format is checked on every row. prompt_completion is TRL's
+    prompt-completion type (two strings, or two lists of turns); only the completion is trained."""
 
     eval_path: str | None = None
     """Held-out rows in the same kinds of location as `path`; None holds out `eval_split` of `path`

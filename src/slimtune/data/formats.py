@@ -14,6 +14,11 @@ Formats (keys of one row):
             are read like ShareGPT.
   sharegpt  conversations: [{from: human|gpt|system, value}], optional top-level system
   messages  messages: [{role: system|user|assistant, content}] (OpenAI chat style)
+  prompt_completion
+            prompt, completion (TRL's prompt-completion type). Standard: two strings; the sample is
+            the text prompt + completion, trained on the completion only (eos appended). Conversational:
+            two lists of {role, content} turns; the sample is the conversation prompt + completion, and
+            only the completion's assistant turns are trained (assistant turns in the prompt are context).
   text      text
 """
 
@@ -36,6 +41,10 @@ class Sample:
     where: str
     messages: list[Turn] = field(default_factory=list)
     text: str | None = None
+    context_turns: int = 0
+    """The first `context_turns` turns of `messages` are context: their assistant turns carry no loss."""
+    context_chars: int = 0
+    """The first `context_chars` characters of `text` are context (a prompt): they carry no loss."""
 
 
 SHAREGPT_ROLES = {
@@ -157,15 +166,53 @@ def from_sharegpt(row: dict, where: str) -> Sample:
     return Sample(where, messages)
 
 
-def from_messages(row: dict, where: str) -> Sample:
-    turns = _list_field(row, "messages", where, required=True)
+def _role_content_turns(turns: list, key: str, where: str) -> list[Turn]:
+    """`[{role, content}, ...]` of field `key` as canonical turns (roles are checked later)."""
     messages: list[Turn] = []
     for i, turn in enumerate(turns):
-        name = f"messages[{i}]"
+        name = f"{key}[{i}]"
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise RowError(where, name, f"expected an object with 'role' and 'content', got {turn!r:.60}")
         messages.append({"role": turn["role"], "content": check_text(turn["content"], where, f"{name}.content")})
-    return Sample(where, messages)
+    return messages
+
+
+def from_messages(row: dict, where: str) -> Sample:
+    return Sample(where, _role_content_turns(_list_field(row, "messages", where, required=True), "messages", where))
+
+
+def _is_conversational(value: object) -> bool:
+    """A list of turns, or (as CSV cells hold lists) a string that is a JSON list of objects."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(value, list) and all(isinstance(turn, dict) for turn in value)
+
+
+def from_prompt_completion(row: dict, where: str) -> Sample:
+    for key in ("prompt", "completion"):
+        if row.get(key) is None:
+            raise RowError(where, key, f"is missing; this format needs 'prompt' and 'completion' (row keys: {sorted(row)})")
+    if not _is_conversational(row["prompt"]):
+        prompt = check_text(row["prompt"], where, "prompt", allow_empty=True)
+        if _is_conversational(row["completion"]):
+            raise RowError(where, "completion", "is a list of turns but 'prompt' is a string; both are strings "
+                                                "(standard form) or both lists of {role, content} (conversational)")
+        completion = check_text(row["completion"], where, "completion")
+        return Sample(where, text=prompt + completion, context_chars=len(prompt))
+    prompt_turns = _role_content_turns(_list_field(row, "prompt", where, required=True), "prompt", where)
+    if not _is_conversational(row["completion"]):
+        raise RowError(where, "completion", "is not a list of turns but 'prompt' is; both are strings (standard "
+                                            "form) or both lists of {role, content} (conversational)")
+    completion_turns = _role_content_turns(_list_field(row, "completion", where, required=True), "completion", where)
+    if not any(turn["role"] == "assistant" for turn in completion_turns):
+        raise RowError(where, "completion", "holds no assistant turn; the completion is what the model is trained "
+                                            "to say, e.g. [{\"role\": \"assistant\", \"content\": \"...\"}]")
+    return Sample(where, prompt_turns + completion_turns, context_turns=len(prompt_turns))
 
 
 def from_text(row: dict, where: str) -> Sample:
@@ -177,6 +224,7 @@ CONVERTERS: dict[str, Callable[[dict, str], Sample]] = {
     "belle": from_belle,
     "sharegpt": from_sharegpt,
     "messages": from_messages,
+    "prompt_completion": from_prompt_completion,
     "text": from_text,
 }
 """Format name -> row converter. Adding a format is adding a function and a line here."""
@@ -198,6 +246,8 @@ def row_format(row: dict) -> str | None:
         return "messages"
     if "conversations" in row:
         return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
     if "instruction" in row and "output" in row:
         instruction = row["instruction"]
         return "belle" if isinstance(instruction, str) and _BELLE_MARK.match(instruction) else "alpaca"
@@ -218,7 +268,8 @@ def detect_format(rows: list[tuple[str, dict]]) -> str:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
             raise ValueError(
                 f"{where}: cannot detect the data format from keys {keys}; expected 'messages' (messages), "
-                "'conversations' (sharegpt), 'instruction'+'output' (alpaca/belle) or 'text' (text); "
+                "'conversations' (sharegpt), 'prompt'+'completion' (prompt_completion), "
+                "'instruction'+'output' (alpaca/belle) or 'text' (text); "
                 "or set data.format explicitly"
             )
         found.setdefault(fmt, where)

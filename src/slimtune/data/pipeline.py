@@ -172,7 +172,8 @@ def _samples(rows: list[RawRow], fmt: str, cfg: DataConfig, skips: SkipLog) -> l
 def _with_system(sample: Sample, system_prompt: str | None) -> Sample:
     if not system_prompt or sample.text is not None or sample.messages[0]["role"] == "system":
         return sample
-    return Sample(sample.where, [{"role": "system", "content": system_prompt}, *sample.messages])
+    return Sample(sample.where, [{"role": "system", "content": system_prompt}, *sample.messages],
+                  context_turns=sample.context_turns + 1 if sample.context_turns else 0)
 
 
 def _tokenize_all(samples: list[Sample], tokenizer, template: ChatTemplate, max_seq_len: int, cfg: DataConfig,

@@ -36,8 +36,10 @@ class TemplateError(ValueError):
     """The chat template cannot be split into per-turn segments (not the data's fault)."""
 
 
-def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn]) -> list[tuple[str, bool]]:
-    """The rendered conversation as consecutive (text, is_assistant) pieces; see Note above."""
+def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn],
+                    context_turns: int = 0) -> list[tuple[str, bool]]:
+    """The rendered conversation as consecutive (text, trained) pieces; see Note above. Assistant turns
+    among the first `context_turns` turns are context (not trained), like the prompt's."""
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, turn in enumerate(messages):
@@ -51,7 +53,7 @@ def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn]) -> 
                 f"{i if not prompt.startswith(done) else i + 1} turns is not a prefix of the longer one, so loss "
                 "masks cannot be placed; use a built-in template (data.template: chatml, alpaca, ...)"
             )
-        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        pieces += [(prompt[len(done) :], False), (full[len(prompt) :], i >= context_turns)]
         done = full
     whole = render(tokenizer, template, messages)
     if not whole.startswith(done):
@@ -78,12 +80,14 @@ def tokenize_segments(tokenizer, pieces: list[tuple[str, bool]], train_on_prompt
 
 
 def tokenize_chat(tokenizer, template: ChatTemplate, messages: list[Turn], train_on_prompt: bool,
-                  allow_control_tokens: bool = False) -> Example:
-    """A conversation -> example with loss masks; control tokens in its content stay text unless allowed."""
+                  allow_control_tokens: bool = False, context_turns: int = 0) -> Example:
+    """A conversation -> example with loss masks; control tokens in its content stay text unless allowed.
+    Assistant turns among the first `context_turns` turns carry no loss (see render_segments)."""
     if allow_control_tokens:
-        return tokenize_segments(tokenizer, render_segments(tokenizer, template, messages), train_on_prompt)
+        return tokenize_segments(tokenizer, render_segments(tokenizer, template, messages, context_turns),
+                                 train_on_prompt)
     guard = ContentGuard(tokenizer, messages)
-    pieces = render_segments(tokenizer, template, guard.messages)
+    pieces = render_segments(tokenizer, template, guard.messages, context_turns)
     if not guard.found:
         return tokenize_segments(tokenizer, pieces, train_on_prompt)
     texts, spans = guard.restore([text for text, _ in pieces], render(tokenizer, template, messages))
@@ -91,23 +95,32 @@ def tokenize_chat(tokenizer, template: ChatTemplate, messages: list[Turn], train
                              train_on_prompt, spans)
 
 
-def tokenize_text(tokenizer, text: str) -> Example:
-    """Plain text: the tokenizer's own special tokens (e.g. bos), eos appended, loss everywhere."""
+def tokenize_text(tokenizer, text: str, context_chars: int = 0) -> Example:
+    """Plain text: the tokenizer's own special tokens (e.g. bos), eos appended, loss everywhere except
+    on the tokens of the first `context_chars` characters (a prompt). The prompt's tokens are the
+    longest common prefix of the prompt tokenized alone and the whole text tokenized, as in TRL, so a
+    token merging across the boundary is trained."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
-    return {"input_ids": ids, "labels": list(ids)}
+    labels = list(ids)
+    if context_chars:
+        prompt_ids = tokenizer(text[:context_chars], add_special_tokens=True)["input_ids"]
+        shared = next((k for k, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        labels[:shared] = [IGNORE_INDEX] * shared
+    return {"input_ids": ids, "labels": labels}
 
 
 def tokenize_sample(sample: Sample, tokenizer, template: ChatTemplate, max_seq_len: int, train_on_prompt: bool = False,
                     allow_control_tokens: bool = False) -> tuple[Example, int]:
     """One sample -> (example truncated to `max_seq_len`, number of tokens cut off)."""
     if sample.text is not None:
-        example = tokenize_text(tokenizer, sample.text)
+        example = tokenize_text(tokenizer, sample.text, 0 if train_on_prompt else sample.context_chars)
     else:
         try:
-            example = tokenize_chat(tokenizer, template, sample.messages, train_on_prompt, allow_control_tokens)
+            example = tokenize_chat(tokenizer, template, sample.messages, train_on_prompt, allow_control_tokens,
+                                    sample.context_turns)
         except ControlTokenError as err:
             raise ControlTokenError(f"{sample.where}: {err} (or set data.allow_control_tokens: true)") from None
     dropped = max(len(example["input_ids"]) - max_seq_len, 0)

@@ -1,0 +1,70 @@
+"""Data as people have it, through the real CLI on the tiny model: TRL's prompt-completion rows, shown by
+`slimtune data inspect` with only the completion trained, and trained one step by `slimtune train`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from slimtune.cli.main import app
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1"})
+
+
+def write_config(root: Path, model_dir: Path, rows: list[dict], **data: object) -> Path:
+    train = root / "train.jsonl"
+    train.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    raw = {
+        "model": str(model_dir), "method": "lora", "peft": {"r": 2, "lora_alpha": 4, "target_modules": "all-linear"},
+        "data": {"path": str(train), "eval_split": 0, "shuffle": False, **data},
+        "train": {"batch_size": 1, "max_seq_len": 160, "precision": "fp32", "device": "cpu",
+                  "log_every": 1, "save_every": 100},
+        "output_dir": str(root / "run"),
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def trained_spans(output: str) -> tuple[str, list[str]]:
+    sample = output.split("no loss):\n", 1)[1]
+    return sample, re.findall(r"⟦(.*?)⟧", sample, flags=re.S)
+
+
+PROMPT_COMPLETION = [
+    {"prompt": [{"role": "user", "content": "What does bread mean?"}, {"role": "assistant", "content": "a food"},
+                {"role": "user", "content": "More precisely?"}],
+     "completion": [{"role": "assistant", "content": "food made of flour, water and yeast"}]},
+    {"prompt": [{"role": "user", "content": "What does honey mean?"}],
+     "completion": [{"role": "assistant", "content": "a sweet fluid made by bees"}]},
+]
+
+
+def test_prompt_completion_rows_inspect_and_train(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, PROMPT_COMPLETION)
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code == 0, result.output
+    assert "format prompt_completion" in result.output
+    sample, trained = trained_spans(result.output)
+    assert trained == ["food made of flour, water and yeast<|im_end|>\n"]  # the prompt's answer is context
+    assert "a food<|im_end|>" in sample and "What does bread mean?" in sample
+    result = invoke("train", str(config), "--train.max_steps", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in row and row["loss"] > 0 for row in metrics)
+
+
+def test_standard_prompt_completion_strings(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"prompt": "What does river mean?", "completion": " a large natural stream of water"}]
+    config = write_config(tmp_path, tiny_model_dir, rows, format="prompt_completion")
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code == 0, result.output
+    sample, trained = trained_spans(result.output)
+    # plain text, no chat template; the completion and the eos appended to it are trained
+    assert trained == [" a large natural stream of water<|im_end|>"] and sample.startswith("What does river mean?⟦")

@@ -68,3 +68,29 @@ def test_standard_prompt_completion_strings(tmp_path: Path, tiny_model_dir: Path
     sample, trained = trained_spans(result.output)
     # plain text, no chat template; the completion and the eos appended to it are trained
     assert trained == [" a large natural stream of water<|im_end|>"] and sample.startswith("What does river mean?⟦")
+
+
+def test_mapped_columns_inspect_and_train(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"conversation": [{"speaker": "human", "text": "What does honey mean?"},
+                              {"speaker": "bot", "text": "a sweet fluid made by bees"}]}]
+    config = write_config(tmp_path, tiny_model_dir, rows, columns={"messages": "conversation", "role": "speaker",
+                                                                   "content": "text"},
+                          roles={"human": "user", "bot": "assistant"})
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code == 0, result.output
+    assert "mapped: conversation -> messages, speaker -> role, text -> content, role 'human' -> 'user', " \
+           "role 'bot' -> 'assistant'" in result.output and "format messages" in result.output
+    sample, trained = trained_spans(result.output)
+    assert trained == ["a sweet fluid made by bees<|im_end|>\n"] and "<|im_start|>user\nWhat does honey mean?" in sample
+    result = invoke("train", str(config), "--train.max_steps", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_missing_mapped_column_is_one_error_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [{"question": "What does honey mean?", "answer": "a sweet fluid"}, {"question": "q", "reply": "a"}]
+    config = write_config(tmp_path, tiny_model_dir, rows, columns={"instruction": "question", "output": "answer"})
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code != 0
+    assert f"{tmp_path / 'train.jsonl'} line 2, field 'answer': is missing; data.columns maps it to 'output'" \
+           in result.output and "Traceback" not in result.output

@@ -3,7 +3,9 @@ become token examples. Defaults live here and only here; YAML is this dataclass 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from slimtune.data.columns import check_columns
 
 FORMATS = ("auto", "alpaca", "belle", "sharegpt", "messages", "prompt_completion", "text")
 """Row formats: `auto` detects one of the others from the first rows' keys."""
@@ -29,6 +31,14 @@ class DataConfig:
     """Row format: auto | alpaca | belle | sharegpt | messages | prompt_completion | text. `auto` detects
     it from the first rows' keys; an explicit format is checked on every row. prompt_completion is TRL's
     prompt-completion type (two strings, or two lists of turns); only the completion is trained."""
+
+    columns: dict[str, str] = field(default_factory=dict)
+    """Your column names for a format's fields, {format_field: your_column}, e.g. {instruction: question,
+    output: answer}; inside turns too, e.g. {messages: conversation, role: speaker, content: text}.
+    Applies to path and eval_path; a mapped column missing from a row is an error naming the row."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    """Your role values -> system | user | assistant, e.g. {human: user, bot: assistant}."""
 
     eval_path: str | None = None
     """Held-out rows in the same kinds of location as `path`; None holds out `eval_split` of `path`
@@ -86,6 +96,7 @@ class DataConfig:
             raise ValueError(f"data.path must be a non-empty string (file, hub name or slimtune:<name>), got {self.path!r}")
         if self.format not in FORMATS:
             raise ValueError(f"data.format={self.format!r} is not allowed; use one of {', '.join(FORMATS)}")
+        check_columns(self.columns, self.roles)
         if self.template not in TEMPLATES:
             raise ValueError(f"data.template={self.template!r} is not allowed; use one of {', '.join(TEMPLATES)}")
         if not isinstance(self.eval_split, (int, float)) or not 0.0 <= self.eval_split < 1.0:

@@ -22,6 +22,8 @@ class InspectReport:
     max_seq_len: int
     sample_spans: list[tuple[str, bool]]
     added_tokens: list[str]
+    mapping: str = ""
+    """data.columns and data.roles as "your name -> format name" pairs; empty without a mapping."""
 
     def render(self, markup: bool = False) -> str:
         """A readable report. Trained spans sit inside ⟦ ⟧, or with markup=True in green rich markup
@@ -32,6 +34,8 @@ class InspectReport:
             f"data: {self.path}  (format {s.format}, template {s.template}, max_seq_len {self.max_seq_len})",
             f"rows read: {s.rows_read}   skipped: {s.rows_skipped}",
         ]
+        if self.mapping:
+            lines.insert(1, f"mapped: {self.mapping}")
         lines += [f"  skipped: {reason}" for reason in s.skip_reasons]
         lines += [
             f"examples: train {s.train_examples}, eval {s.eval_examples}"
@@ -79,4 +83,6 @@ def inspect_data(cfg: DataConfig, tokenizer, max_seq_len: int, seed: int = 0, sa
     data = build_datasets(cfg, tokenizer, max_seq_len, seed)
     examples = data.unpacked_train
     spans = marked_spans(examples[min(sample_index, len(examples) - 1)], tokenizer) if examples else []
-    return InspectReport(cfg.path, data.stats, max_seq_len, spans, data.added_tokens)
+    mapping = [f"{source} -> {target}" for target, source in cfg.columns.items()]
+    mapping += [f"role {value!r} -> {role!r}" for value, role in cfg.roles.items()]
+    return InspectReport(cfg.path, data.stats, max_seq_len, spans, data.added_tokens, ", ".join(mapping))

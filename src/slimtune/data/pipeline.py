@@ -12,6 +12,7 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
+from slimtune.data.columns import check_columns_for_format, map_row
 from slimtune.data.config import DataConfig
 from slimtune.data.formats import Sample, detect_format, to_sample
 from slimtune.data.loading import BUILTIN_PREFIX, RawRow, builtin_dataset_files, read_rows
@@ -139,16 +140,38 @@ def load_samples(path: str, cfg: DataConfig, skips: SkipLog | None = None, max_r
     Bad rows raise RowError, or are counted in `skips` when cfg.skip_bad_rows. Useful on its own
     for generation-based evaluation, which needs the conversations rather than token ids."""
     skips = SkipLog() if skips is None else skips
-    rows = read_rows(path, max_rows, cfg.hub_split, cfg.hub_subset)
+    fmt = fmt or (cfg.format if cfg.format != "auto" else None)
+    if fmt:
+        check_columns_for_format(cfg.columns, fmt)
+    rows = _mapped(read_rows(path, max_rows, cfg.hub_split, cfg.hub_subset), cfg)
     skips.rows_read += len(rows)
-    fmt = fmt or _choose_format(cfg.format, rows)
+    if not fmt:
+        fmt = _choose_format(rows)
+        check_columns_for_format(cfg.columns, fmt)
     return _samples(rows, fmt, cfg, skips), fmt
 
 
-def _choose_format(requested: str, rows: list[RawRow]) -> str:
-    if requested != "auto":
-        return requested
+def _mapped(rows: list[RawRow], cfg: DataConfig) -> list[RawRow]:
+    """Rows with data.columns and data.roles applied; a row missing a mapped column carries its error."""
+    if not (cfg.columns or cfg.roles):
+        return rows
+    out = []
+    for row in rows:
+        if row.error is not None:
+            out.append(row)
+            continue
+        try:
+            out.append(RawRow(row.where, map_row(row.data, cfg.columns, cfg.roles, row.where)))
+        except RowError as error:
+            out.append(RawRow(row.where, error=error))
+    return out
+
+
+def _choose_format(rows: list[RawRow]) -> str:
     readable = [(row.where, row.data) for row in rows if row.error is None][:DETECT_ROWS]
+    first_error = next((row.error for row in rows if row.error is not None), None)
+    if not readable and first_error is not None:  # say why the rows are unreadable, not only that they are
+        raise first_error
     return detect_format(readable)
 
 

@@ -94,3 +94,33 @@ def test_missing_mapped_column_is_one_error_line(tmp_path: Path, tiny_model_dir:
     assert result.exit_code != 0
     assert f"{tmp_path / 'train.jsonl'} line 2, field 'answer': is missing; data.columns maps it to 'output'" \
            in result.output and "Traceback" not in result.output
+
+
+TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + ':\n' + message['content'] + '<|im_end|>' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant:\n' }}{% endif %}")
+
+
+def test_template_file_inspect_and_train(tmp_path: Path, tiny_model_dir: Path) -> None:
+    template = tmp_path / "my_template.jinja"
+    template.write_text(TEMPLATE, encoding="utf-8")
+    rows = [{"messages": [{"role": "user", "content": "What does honey mean?"},
+                          {"role": "assistant", "content": "a sweet fluid made by bees"}]}]
+    config = write_config(tmp_path, tiny_model_dir, rows, template=str(template))
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code == 0, result.output
+    assert f"template {template}" in result.output
+    sample, trained = trained_spans(result.output)
+    assert sample.startswith("<|im_start|>user:\nWhat does honey mean?<|im_end|><|im_start|>assistant:\n⟦")
+    assert trained == ["a sweet fluid made by bees<|im_end|>"]
+    result = invoke("train", str(config), "--train.max_steps", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = [p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.suffix in (".json", ".jinja")
+             and TEMPLATE in (p.read_text(encoding="utf-8") if p.suffix == ".jinja"
+                              else json.dumps(json.loads(p.read_text(encoding="utf-8"))))]
+    assert saved, "the run's tokenizer keeps the template file's chat template"
+
+
+def test_template_file_missing_is_one_error_line(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = write_config(tmp_path, tiny_model_dir, PROMPT_COMPLETION, template="missing.jinja")
+    result = invoke("data", "inspect", str(config))
+    assert result.exit_code != 0 and "data.template='missing.jinja': chat template file not found" in result.output

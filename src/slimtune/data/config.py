@@ -4,6 +4,7 @@ become token examples. Defaults live here and only here; YAML is this dataclass 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slimtune.data.columns import check_columns
 
@@ -14,6 +15,21 @@ BUILTIN_TEMPLATES = ("alpaca", "chatml", "llama2", "chatglm")
 """Prompt templates shipped with slimtune; `auto` and `tokenizer` select the tokenizer's own."""
 
 TEMPLATES = ("auto", "tokenizer", *BUILTIN_TEMPLATES)
+TEMPLATE_FILE_SUFFIX = ".jinja"
+"""A template value ending in this is a file holding a Jinja chat template."""
+
+
+def check_template(value: object, key: str) -> None:
+    """ValueError unless `value` names a template (see TEMPLATES) or an existing .jinja file."""
+    if value in TEMPLATES:
+        return
+    if isinstance(value, str) and value.endswith(TEMPLATE_FILE_SUFFIX):
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"{key}={value!r}: chat template file not found (relative paths start at the current "
+                             "directory)")
+        return
+    raise ValueError(f"{key}={value!r} is not allowed; use one of {', '.join(TEMPLATES)}, or the path of a Jinja "
+                     f"chat template file ending in {TEMPLATE_FILE_SUFFIX}")
 
 PACKED_ATTENTION = ("position_ids", "4d_mask")
 
@@ -55,7 +71,8 @@ class DataConfig:
 
     template: str = "auto"
     """Prompt template: auto (the tokenizer's chat template if it has one, else alpaca), tokenizer
-    (its chat template, error if none), or a built-in: alpaca | chatml | llama2 | chatglm."""
+    (its chat template, error if none), a built-in: alpaca | chatml | llama2 | chatglm, or the path of
+    a Jinja chat template file ending in .jinja (rendered like a tokenizer's own; saved with the run)."""
 
     system_prompt: str | None = None
     """System message added to every conversation that does not carry its own."""
@@ -97,8 +114,7 @@ class DataConfig:
         if self.format not in FORMATS:
             raise ValueError(f"data.format={self.format!r} is not allowed; use one of {', '.join(FORMATS)}")
         check_columns(self.columns, self.roles)
-        if self.template not in TEMPLATES:
-            raise ValueError(f"data.template={self.template!r} is not allowed; use one of {', '.join(TEMPLATES)}")
+        check_template(self.template, "data.template")
         if not isinstance(self.eval_split, (int, float)) or not 0.0 <= self.eval_split < 1.0:
             raise ValueError(f"data.eval_split={self.eval_split!r} must be a fraction in [0, 1)")
         if self.max_rows is not None and (not isinstance(self.max_rows, int) or self.max_rows < 1):

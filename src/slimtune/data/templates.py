@@ -13,6 +13,7 @@ Built-ins (every assistant turn ends with the end-of-turn token, which is traine
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from slimtune.data.formats import Turn
 
@@ -80,7 +81,7 @@ class ChatTemplate:
     """A resolved template: its Jinja source and the token that ends an assistant turn."""
 
     name: str
-    """Built-in name, or "tokenizer" for the tokenizer's own chat template."""
+    """Built-in name, "tokenizer" for the tokenizer's own chat template, or the path of a .jinja file."""
     jinja: str
     """Jinja chat template, rendered with `tokenizer.apply_chat_template(chat_template=...)`."""
     eot_token: str
@@ -95,7 +96,10 @@ class ChatTemplate:
 
 
 def resolve_template(name: str, tokenizer) -> ChatTemplate:
-    """`auto` -> the tokenizer's chat template if set, else alpaca; `tokenizer`; or a built-in."""
+    """`auto` -> the tokenizer's chat template if set, else alpaca; `tokenizer`; a built-in; or the
+    path of a .jinja file holding a chat template."""
+    if name.endswith(".jinja"):
+        return _file_template(name, tokenizer)
     own = _own_template(tokenizer)
     if name == "tokenizer" or (name == "auto" and own):
         if not own:
@@ -111,6 +115,27 @@ def resolve_template(name: str, tokenizer) -> ChatTemplate:
         raise ValueError(f"template {name!r} ends each answer with eos, but the tokenizer has no eos_token")
     jinja = _BUILTIN_JINJA[name] if name == "llama2" else _with_bos(_BUILTIN_JINJA[name], tokenizer)
     return ChatTemplate(name, jinja, tokenizer.eos_token)
+
+
+def _file_template(path: str, tokenizer) -> ChatTemplate:
+    """A Jinja chat template read from `path`; it renders like a tokenizer's own (nothing prepended)."""
+    file = Path(path).expanduser()
+    try:
+        jinja = file.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise ValueError(f"data.template={path!r}: chat template file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    if not jinja.strip():
+        raise ValueError(f"{path}: the chat template file is empty")
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        eot = _detect_eot(tokenizer, jinja)
+    except JinjaError as exc:  # syntax errors, raise_exception(...) on a plain user/assistant chat
+        raise ValueError(f"{path}: not a usable Jinja chat template ({type(exc).__name__}: {exc}); it must render "
+                         "messages=[{role, content}, ...] (and add_generation_prompt)") from None
+    return ChatTemplate(path, jinja, eot)
 
 
 def merge_inputs(messages: list[Turn], keep_input: bool) -> list[dict[str, str]]:

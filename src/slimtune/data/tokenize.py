@@ -51,7 +51,9 @@ def render_segments(tokenizer, template: ChatTemplate, messages: list[Turn],
             raise TemplateError(
                 f"chat template {template.name!r} does not render turn by turn: the rendering of the first "
                 f"{i if not prompt.startswith(done) else i + 1} turns is not a prefix of the longer one, so loss "
-                "masks cannot be placed; use a built-in template (data.template: chatml, alpaca, ...)"
+                "masks cannot be placed. Loss masks need a template that only appends: rendering more turns (or "
+                "add_generation_prompt) never changes what the earlier turns rendered (no rewriting or dropping "
+                "of past turns); edit the template so, or use a built-in template (data.template: chatml, alpaca, ...)"
             )
         pieces += [(prompt[len(done) :], False), (full[len(prompt) :], i >= context_turns)]
         done = full

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from slimtune.data.config import FORMATS, TEMPLATES
+from slimtune.data.config import FORMATS, check_template
 from slimtune.models import check_model_name
 
 
@@ -56,8 +56,7 @@ class EvalConfig:
             check_model_name(self.judge, "--judge")
         if self.format not in FORMATS:
             raise ValueError(f"--format {self.format!r} is not allowed; use one of {', '.join(FORMATS)}")
-        if self.template not in TEMPLATES:
-            raise ValueError(f"--template {self.template!r} is not allowed; use one of {', '.join(TEMPLATES)}")
+        check_template(self.template, "--template")
         for name in ("batch_size", "max_seq_len", "max_new_tokens", "judge_max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -75,14 +75,14 @@ def test_mapped_columns_inspect_and_train(tmp_path: Path, tiny_model_dir: Path) 
                               {"speaker": "bot", "text": "a sweet fluid made by bees"}]}]
     config = write_config(tmp_path, tiny_model_dir, rows, columns={"messages": "conversation", "role": "speaker",
                                                                    "content": "text"},
-                          roles={"human": "user", "bot": "assistant"})
-    result = invoke("data", "inspect", str(config))
+                          roles={"human": "user"})
+    result = invoke("data", "inspect", str(config), "--data.roles.bot", "assistant")  # a mapping key as an override
     assert result.exit_code == 0, result.output
     assert "mapped: conversation -> messages, speaker -> role, text -> content, role 'human' -> 'user', " \
            "role 'bot' -> 'assistant'" in result.output and "format messages" in result.output
     sample, trained = trained_spans(result.output)
     assert trained == ["a sweet fluid made by bees<|im_end|>\n"] and "<|im_start|>user\nWhat does honey mean?" in sample
-    result = invoke("train", str(config), "--train.max_steps", "1", "--no-progress")
+    result = invoke("train", str(config), "--train.max_steps", "1", "--no-progress", "--data.roles.bot", "assistant")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 

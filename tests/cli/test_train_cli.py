@@ -203,7 +203,7 @@ def test_missing_tensorboard_and_matplotlib_only_print_a_notice(tmp_path: Path, 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     config = golden_config(tmp_path, tiny_model_dir, "lora")
-    result = invoke("train", str(config), "--no-progress", "--train.tensorboard", "true", "--train.max_steps", "1")
+    result = invoke("train", str(config), "--no-progress", "--train.report_to", "[tensorboard]", "--train.max_steps", "1")
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "tensorboard is not installed: skipping" in text and "matplotlib is not installed" in text

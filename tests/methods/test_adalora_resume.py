@@ -100,7 +100,7 @@ def _loop(out: Path):
     from slimtune.train.rng import seed_everything
 
     cfg = TrainConfig(batch_size=2, max_steps=SCHEDULE["total_step"], log_every=1, save_every=MID, seed=0, lr=2e-2,
-                      tensorboard=False)
+                      report_to=[])
     seed_everything(cfg.seed)
     peft_config = build_peft_config("adalora", {**SCHEDULE, "target_modules": ["q_proj", "v_proj", "down_proj"]})
     model = prepare_model(build_llama(None), "adalora", peft_config, gradient_checkpointing=False)

@@ -79,7 +79,7 @@ def write_run_config(root: Path, model_dir: Path, rows: Path, output_dir: Path, 
         "data": {"path": str(rows), "eval_split": 0.0},
         "train": {"max_steps": 64, "batch_size": 2, "lr": 5.0e-3, "scheduler": "constant", "warmup_steps": 4, "max_seq_len": 48, "seed": 3, "log_every": 1,
                   "save_every": 1, "keep_checkpoints": 2, "precision": "fp32", "device": "cpu",
-                  "tensorboard": False, **train},
+                  "report_to": [], **train},
         "output_dir": str(output_dir),
     }
     path = root / f"{output_dir.name}.yaml"

@@ -41,10 +41,10 @@ def test_config_refuses_fp16_and_offload():
 
 
 def test_trainer_refuses_graphs_on_cpu_and_auto_stays_off(tmp_path):
-    cfg = TrainConfig(cuda_graphs=True, device="cpu", max_steps=1, tensorboard=False)
+    cfg = TrainConfig(cuda_graphs=True, device="cpu", max_steps=1, report_to=[])
     with pytest.raises(ValueError, match="train.cuda_graphs: it needs a CUDA device; the run's device is cpu"):
         Trainer(_model(), cfg, random_rows(4), None, pad_collate, tmp_path, progress=False)
-    auto = TrainConfig(device="cpu", max_steps=1, tensorboard=False)
+    auto = TrainConfig(device="cpu", max_steps=1, report_to=[])
     assert auto.cuda_graphs == "auto"
     assert Trainer(_model(), auto, random_rows(4), None, pad_collate, tmp_path, progress=False).graphs is None
     with pytest.raises(ValueError, match="train.cuda_graphs must be true, false or auto"):
@@ -125,7 +125,7 @@ def _run(tmp: Path, graphs: bool, quantized: bool = False, dropout: float = 0.0)
     base = bench_llama("tiny", "cuda", torch.bfloat16, slimtune_quantizer if quantized else None, seed=0)
     model = prepare_model(base, "qlora" if quantized else "lora", peft, gradient_checkpointing=True)
     cfg = TrainConfig(cuda_graphs=graphs, device="cuda", precision="bf16", batch_size=4, grad_accum=2, max_steps=8,
-                      lr=2e-3, log_every=1, save_every=1000, tensorboard=False, gradient_checkpointing=True, seed=0)
+                      lr=2e-3, log_every=1, save_every=1000, report_to=[], gradient_checkpointing=True, seed=0)
     trainer = Trainer(model, cfg, random_rows(64, vocab=256), None, pad_collate, tmp, progress=False)
     start = [p.detach().float().clone() for p in trainer.params]
     state = trainer.fit()

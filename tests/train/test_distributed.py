@@ -40,7 +40,7 @@ def write_config(root: Path, model_dir: Path, name: str, method: str = "lora", *
         "data": {"path": str(train_rows), "eval_path": str(root / "eval.jsonl")},
         "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 1.0e-2, "scheduler": "constant",
                   "max_seq_len": 64, "seed": 0, "log_every": 1, "eval_every": 2, "save_every": 2,
-                  "precision": "fp32", "device": DEVICE, "tensorboard": False, **train},
+                  "precision": "fp32", "device": DEVICE, "report_to": [], **train},
         "output_dir": str(root / name),
     }
     path = root / f"{name}.yaml"
@@ -198,7 +198,7 @@ def _adalora_trainer_args(tmp_path: Path, method: str, peft: dict[str, Any]) -> 
     from slimtune.train.methods import build_peft_config, prepare_model
 
     model = prepare_model(build_llama(None), method, build_peft_config(method, peft), gradient_checkpointing=False)
-    cfg = TrainConfig(batch_size=2, max_steps=4, log_every=1, tensorboard=False)
+    cfg = TrainConfig(batch_size=2, max_steps=4, log_every=1, report_to=[])
     return model, cfg, random_rows(4), None, pad_collate, tmp_path
 
 

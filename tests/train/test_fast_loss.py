@@ -100,7 +100,7 @@ def test_trainer_losses_match_with_accumulation(tmp_path: Path, precision: str) 
     rows, results = random_rows(12), {}
     for mode in ("on", "off"):
         set_fast_path(mode)
-        cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=3, lr=1e-2, tensorboard=False, log_every=1,
+        cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=3, lr=1e-2, report_to=[], log_every=1,
                           precision=precision, device="cpu")
         model = _model("lora", LORA)
         trainer = Trainer(model, cfg, rows, None, pad_collate, tmp_path / mode, progress=False)

@@ -23,7 +23,7 @@ from slimtune.train.rng import seed_everything
 def make_trainer(tmp: Path, rows: list, eval_rows: list | None = None, seed: int = 0, dropout: float = 0.1,
                  **train: object) -> Trainer:
     cfg = TrainConfig(**{"batch_size": 2, "max_steps": 6, "log_every": 1, "save_every": 2, "seed": seed,
-                         "lr": 1e-2, "tensorboard": False, **train})
+                         "lr": 1e-2, "report_to": [], **train})
     seed_everything(cfg.seed)
     peft = build_peft_config("lora", {"r": 4, "lora_alpha": 8, "target_modules": "all-linear",
                                       "lora_dropout": dropout, "init_lora_weights": False})
@@ -222,7 +222,7 @@ def test_logits_only_at_loss_positions_gives_the_same_loss(tmp_path: Path) -> No
 def test_tensorboard_scalars_match_metrics_jsonl(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    make_trainer(tmp_path, random_rows(8), max_steps=3, tensorboard=True).fit()
+    make_trainer(tmp_path, random_rows(8), max_steps=3, report_to=["tensorboard"]).fit()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tb = [(e.step, e.value) for e in events.Scalars("train/loss")]

@@ -66,7 +66,7 @@ def test_trainer_run_with_offload_equals_run_without(tmp_path: Path, monkeypatch
     monkeypatch.setattr(loop, "offload_saved_tensors", counting)
     rows, results = random_rows(8), {}
     for on in (False, True):
-        cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=2, lr=1e-2, tensorboard=False, log_every=1,
+        cfg = TrainConfig(batch_size=2, grad_accum=2, max_steps=2, lr=1e-2, report_to=[], log_every=1,
                           gradient_checkpointing=True, offload_checkpoints=on, device="cpu")
         model = _model(checkpointing=True)
         state = Trainer(model, cfg, rows, None, pad_collate, tmp_path / str(on), progress=False).fit()

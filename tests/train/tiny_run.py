@@ -103,7 +103,7 @@ def golden_config(root: Path, model_dir: Path, method: str) -> Path:
         "data": {"path": str(train), "eval_path": str(evals)},
         "train": {"epochs": 2, "batch_size": 2, "grad_accum": 2, "lr": 1.0e-2 if method != "full" else 1.0e-3,
                   "max_seq_len": 64, "seed": 0, "log_every": 1, "eval_every": 2, "save_every": 2,
-                  "precision": "fp32", "device": "cpu", "tensorboard": False},
+                  "precision": "fp32", "device": "cpu", "report_to": []},
         "output_dir": str(root / f"run-{method}"),
     }
     path = root / f"{method}.yaml"

@@ -7,8 +7,10 @@ docstring becomes the `slimtune train --help` text (see `slimtune.train.docs`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from slimtune.train.trackers import check_names
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Scheduler = Literal["linear", "cosine", "constant"]
@@ -73,8 +75,10 @@ class TrainConfig:
     """torch device to train on, e.g. cuda:0 or cpu; null picks cuda when available."""
     deterministic: bool = False
     """Ask torch for deterministic kernels (slower on GPU; CPU runs are deterministic anyway)."""
-    tensorboard: bool = True
-    """Also log to TensorBoard under output_dir/tensorboard (skipped if tensorboard is missing)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the run config and every metrics row: any of tensorboard (under
+    output_dir/tensorboard; skipped with a notice if not installed), wandb, mlflow, trackio (each needs its
+    package: pip install 'slimtune[tracking]'); [] logs to metrics.jsonl only. See docs/tracking.md."""
     distributed: Distributed = "ddp"
     """Under torchrun (or --gpus N): ddp replicates the model, fsdp2 shards it (fully_shard per block)."""
 
@@ -111,6 +115,7 @@ class TrainConfig:
         if self.cuda_graphs is True and self.offload_checkpoints:
             raise ValueError("train.cuda_graphs and train.offload_checkpoints do not combine (host copies inside "
                              "a graph); choose one")
+        check_names(self.report_to)
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("train.early_stopping_patience needs train.eval_every (how often to evaluate)")
 

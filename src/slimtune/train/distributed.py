@@ -190,7 +190,7 @@ class _NullLog:
     def write(self, row: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 

@@ -1,7 +1,7 @@
-"""What a run reports: metrics.jsonl rows, TensorBoard scalars, a rich progress bar, and a loss/lr plot.
+"""What a run reports: metrics.jsonl rows, the trackers of train.report_to, a rich progress bar, a loss/lr plot.
 
-TensorBoard and matplotlib are optional and imported lazily; when missing, a one-line notice says so
-and training goes on. On resume, metrics.jsonl is rewritten from the checkpoint's history, so rows
+matplotlib is optional and imported lazily; when missing, a one-line notice says so and training goes on
+(the trackers: slimtune.train.trackers). On resume, metrics.jsonl is rewritten from the checkpoint's history, so rows
 logged after the checkpoint by the interrupted run do not appear twice.
 """
 
@@ -18,6 +18,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from slimtune.train.trackers import Tracker, row_metrics
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -31,40 +33,30 @@ def memory_gb(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Append metric rows to output_dir/metrics.jsonl and (optionally) TensorBoard."""
+    """Append metric rows to output_dir/metrics.jsonl and send each to the trackers of train.report_to."""
 
-    def __init__(self, output_dir: Path, history: list[dict[str, Any]], tensorboard: bool, console: Console):
+    def __init__(self, output_dir: Path, history: list[dict[str, Any]], trackers: list[Tracker]):
         self.path = output_dir / METRICS_FILE
         self.path.write_text("".join(json.dumps(row) + "\n" for row in history))
-        self.writer = _tensorboard_writer(output_dir / "tensorboard", history, console) if tensorboard else None
+        self.trackers = trackers
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.writer.add_scalar(_tb_name(key), value, row["step"])
+        metrics = row_metrics(row)
+        for tracker in self.trackers:
+            tracker.log(metrics, row["step"])
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _tb_name(key: str) -> str:
-    return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
-
-
-def _tensorboard_writer(folder: Path, history: list[dict[str, Any]], console: Console) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        console.print("[yellow]tensorboard is not installed: skipping TensorBoard logs "
-                      "(pip install tensorboard)[/yellow]")
-        return None
-    last = history[-1]["step"] if history else None
-    # purge_step drops events an interrupted run wrote after the checkpoint we resume from.
-    return SummaryWriter(str(folder), purge_step=None if last is None else last + 1)
+    def close(self, failed: bool = False) -> None:
+        """Finish every tracker's run, marked failed when training raised; each is closed even if one fails."""
+        errors = []
+        for tracker in self.trackers:
+            try:
+                tracker.close(failed)
+            except Exception as err:  # noqa: BLE001 - the other trackers still close; re-raised below
+                errors.append(err)
+        if errors and not failed:
+            raise errors[0]
 
 
 class ProgressBar:

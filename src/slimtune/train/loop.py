@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ from slimtune.train.offload import offload_saved_tensors
 from slimtune.train.optim import build_optimizer, build_scheduler
 from slimtune.train.rng import seed_everything
 from slimtune.train.sampler import BatchPlan
+from slimtune.train.schema import to_plain
 from slimtune.train.state import LogWindow, TrainState
+from slimtune.train.trackers import open_trackers, require_installed
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,12 +54,16 @@ class Trainer:
                  eval_rows: Sequence[Row] | None, collate: Callable[[list[Row]], Batch], output_dir: Path,
                  *, plan: BatchPlan | None = None, save_adapter: bool = True,
                  base_record: BaseQuantization | None = None, progress: bool = True,
-                 console: Console | None = None):
+                 console: Console | None = None, run_config: Mapping[str, Any] | None = None):
         if not train_rows:
             raise ValueError("no training rows: the data file is empty or every row was skipped")
         self.model, self.cfg, self.collate = model, cfg, collate
         self.train_rows, self.eval_rows = train_rows, eval_rows or []
         self.output_dir, self.show_progress = Path(output_dir), progress
+        # what the trackers record as the run's parameters: the whole run config, else the train section
+        self.run_config = run_config if run_config is not None else {"train": to_plain(cfg)}
+        require_installed(cfg.report_to)
+        self.resuming = False
         self.console = console or Console(stderr=True)
         self.device = model_device(model)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
@@ -99,7 +105,9 @@ class Trainer:
         else:
             seed_everything(self.cfg.seed)  # dropout and the rest start from the seed, whatever ran before
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.resuming = resume
         log = self.open_log()
+        failed = True
         try:
             with ProgressBar(self.total_steps, self.state.step, self.console, self.show_progress) as bar:
                 for group in self.groups():
@@ -116,12 +124,17 @@ class Trainer:
                 if self.eval_rows and self.state.last("eval_step") != self.state.step:
                     self.record(self.evaluate(), log, bar)
                 self.save_finite()
+            failed = False
         finally:
-            log.close()
+            log.close(failed)
         return self.state
 
     def open_log(self) -> MetricsLog:
-        return MetricsLog(self.output_dir, self.state.history, self.cfg.tensorboard, self.console)
+        """metrics.jsonl and the trackers of train.report_to, continuing their runs when resuming."""
+        last = self.state.history[-1]["step"] if self.state.history else None
+        trackers = open_trackers(self.cfg.report_to, self.output_dir, self.run_config, self.resuming, last,
+                                 self.console)
+        return MetricsLog(self.output_dir, self.state.history, trackers)
 
     def finished(self) -> bool:
         return self.state.step >= self.total_steps or self.state.stop_reason is not None

@@ -3,7 +3,8 @@
 `run_training(cfg, resume)` is what `slimtune train` calls. The run folder ends up holding:
   config.yaml        the resolved config          checkpoints/step-N/   resumable state (newest 2)
   adapter/           PEFT adapter + tokenizer + base_quantization.json (model/ instead, for method full)
-  metrics.jsonl      one row per logged step      tensorboard/          the same, for TensorBoard
+  metrics.jsonl      one row per logged step      tensorboard/          the same, for TensorBoard (report_to)
+  .trackers.json     W&B / MLflow / Trackio run ids, so a resumed run continues them (train/trackers.py)
   loss.png           loss and lr by step          README.md             model card
   .slimtune-run.json marks the folder as a run folder slimtune may rewrite (train/run_folder.py)
 """
@@ -42,6 +43,7 @@ from slimtune.train.run_config import RunConfig
 from slimtune.train.run_folder import check_run_folder, claim_run_folder
 from slimtune.train.sampler import BatchPlan
 from slimtune.train.state import TrainState
+from slimtune.train.trackers import require_installed
 
 
 @dataclass
@@ -69,6 +71,7 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
         console = Console(stderr=True, quiet=True)
     out = Path(cfg.output_dir)
     check_output_dir(out, resume)
+    require_installed(cfg.train.report_to)  # before minutes of model loading
     device = dist_setup(cfg.train.device) if is_distributed() else resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     if cfg.train.deterministic:
@@ -95,7 +98,8 @@ def run_training(cfg: RunConfig, resume: bool = False, progress: bool = True,
     extra = {"strategy": cfg.train.distributed} if is_distributed() else {}
     trainer = (DistributedTrainer if is_distributed() else Trainer)(
         model, cfg.train, data.train, data.eval, collate, out, plan=plan, save_adapter=is_peft,
-        base_record=base_record(cfg), progress=progress and is_main(), console=console, **extra)
+        base_record=base_record(cfg), progress=progress and is_main(), console=console, run_config=cfg.to_dict(),
+        **extra)
     state = trainer.fit(resume=resume)
 
     artifact = save_on_main(model, lambda: save_outputs(out / ("adapter" if is_peft else "model"), cfg, model,

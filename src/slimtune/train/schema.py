@@ -41,15 +41,16 @@ def check_keys(keys: Iterable[str], allowed: Iterable[str], section: str) -> Non
             raise UnknownKeyError(str(key), section, closest_key(str(key), allowed), allowed)
 
 
-# Names that transformers' TrainingArguments, TRL and peft users write, and the key slimtune spells them
-# with; a name is suggested only where the section has that key.
+# Names that transformers' TrainingArguments, TRL and peft users write (and on/off switches a list key
+# holds: tensorboard is a name in report_to), and the key slimtune spells them with; a name is suggested
+# only where the section has that key.
 OTHER_TRAINERS_NAMES: dict[str, str] = {
     "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
     "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "max_length": "max_seq_len",
     "max_seq_length": "max_seq_len", "save_steps": "save_every", "logging_steps": "log_every",
     "eval_steps": "eval_every", "save_total_limit": "keep_checkpoints", "lr_scheduler_type": "scheduler",
     "warmup": "warmup_steps", "bf16": "precision", "fp16": "precision", "lora_r": "r", "rank": "r",
-    "lora_rank": "r",
+    "lora_rank": "r", "tensorboard": "report_to", "wandb": "report_to", "mlflow": "report_to",
 }  # fmt: skip
 
 

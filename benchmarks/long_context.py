@@ -111,7 +111,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> None
     ids = torch.randint(0, vocab, (1, case.seq), generator=torch.Generator().manual_seed(0))
     rows = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}]
     cfg = TrainConfig(batch_size=1, max_steps=1, max_seq_len=case.seq, precision="bf16", lr=1e-4,
-                      gradient_checkpointing=True, offload_checkpoints=True, tensorboard=False, device=str(device))
+                      gradient_checkpointing=True, offload_checkpoints=True, report_to=[], device=str(device))
     trainer = Trainer(model, cfg, rows, None, lambda _: {"input_ids": ids, "labels": ids}, args.out,
                       progress=False)
     if device.type == "cuda":

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace, graphs: bool) -> dict:
     peft = build_peft_config("lora", {"r": 16, "lora_alpha": 16, "target_modules": "all-linear"}, total_steps=args.steps)
     model = prepare_model(base, "lora", peft, gradient_checkpointing=args.checkpointing)
     cfg = TrainConfig(cuda_graphs="auto" if graphs else False, device="cuda", precision="bf16", batch_size=args.batch, max_steps=args.steps,
-                      lr=1e-4, log_every=10, save_every=10**6, tensorboard=False, seed=args.seed,
+                      lr=1e-4, log_every=10, save_every=10**6, report_to=[], seed=args.seed,
                       gradient_checkpointing=args.checkpointing)
     data = rows(args.batch * args.steps, config.vocab_size, args.seed)
     with tempfile.TemporaryDirectory() as tmp:

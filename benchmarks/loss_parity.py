@@ -79,7 +79,7 @@ def run_curve(model_dir: Path, method: str, precision: str, fast: str, args: arg
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "max_seq_len": args.seq_len,
                   "lr": 1e-3, "warmup_steps": args.steps // 20, "scheduler": "cosine", "log_every": 1,
                   "save_every": args.steps, "precision": precision, "seed": args.seed, "device": args.device,
-                  "tensorboard": False},
+                  "report_to": []},
         "output_dir": str(out),
     })
     t0 = time.perf_counter()

@@ -85,7 +85,7 @@ def run_config(method: str, model: str, train_path: str, eval_path: str, output_
         "train": {"max_steps": budget.steps, "batch_size": budget.batch, "max_seq_len": budget.seq,
                   "seed": budget.seed, "lr": spec.lr, "warmup_steps": budget.steps // 10, "scheduler": "cosine",
                   "log_every": 1, "save_every": budget.steps, "keep_checkpoints": 1, "precision": "fp32",
-                  "device": "cpu", "tensorboard": False},
+                  "device": "cpu", "report_to": []},
         "output_dir": str(output_dir),
     })
 

@@ -1,7 +1,7 @@
 """The OpenAI wire format: request validation and response/chunk bodies.
 
-Only fields we honour are validated (model, messages/prompt, max_tokens, temperature, top_p, stop,
-seed, stream, n); other fields OpenAI clients send are ignored. Errors use OpenAI's shape:
+Every field is honoured or refused with a 400 naming it (see slimtune.infer.serve.fields); null fields
+count as absent. Errors use OpenAI's shape:
 {"error": {"message", "type", "param", "code"}} with the HTTP status in APIError.status.
 """
 
@@ -13,23 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimtune.infer.generation import SamplingOptions
+from slimtune.infer.serve.errors import APIError
+from slimtune.infer.serve.fields import check_fields, present_fields
+
+__all__ = ["APIError", "ParsedRequest", "parse_request"]
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 """A seed is a signed 64-bit integer, as in OpenAI's API."""
-
-
-class APIError(Exception):
-    """An error answered to the client as OpenAI does."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 @dataclass
@@ -49,6 +41,8 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int, max_tokens_lim
     """Validate a /v1/chat/completions (chat) or /v1/completions body."""
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    body = present_fields(body)
+    check_fields(body, chat)
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required: the base model's name or an adapter's (see GET /v1/models)",

@@ -1,7 +1,11 @@
 """The server's API contract beyond plain completions, on a live server (127.0.0.1, ephemeral port):
-every request field is honoured or refused with a 400 naming it; null fields count as absent."""
+every request field is honoured or refused with a 400 naming it; null fields count as absent;
+stream_options.include_usage ends a stream with a usage chunk."""
 
 from __future__ import annotations
+
+import json
+import urllib.request
 
 import pytest
 from test_serve import call, chat_body
@@ -71,7 +75,8 @@ def test_every_honoured_field_is_read_by_the_parser():
     from slimtune.infer.serve.protocol import parse_request
 
     bad = {"model": 3, "messages": "x", "prompt": 3, "max_tokens": 0, "max_completion_tokens": 0,
-           "temperature": 9, "top_p": 0, "stop": 3, "seed": "x", "stream": "x", "n": 2}
+           "temperature": 9, "top_p": 0, "stop": 3, "seed": "x", "stream": "x", "n": 2,
+           "stream_options": {"include_usage": True}}
     for chat in (True, False):
         assert HONOURED[chat].isdisjoint(UNSUPPORTED[chat])
         for field in HONOURED[chat]:
@@ -81,3 +86,40 @@ def test_every_honoured_field_is_read_by_the_parser():
                 parse_request(body, chat, 4, 8)
             assert info.value.param == field, (chat, field)
     check_fields({"model": "m", "messages": []}, True)
+
+
+def _stream(server, path, body):
+    req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        events = [line.decode()[len("data: "):].rstrip("\n") for line in resp if line.startswith(b"data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", chat_body("beta", "Hello there!", 6)),
+    ("/v1/completions", {"model": "beta", "prompt": "Hello there", "max_tokens": 6, "temperature": 0}),
+])
+def test_include_usage_ends_the_stream_with_a_usage_chunk(server, path, body):
+    plain = call(server, path, body)[1]
+    chunks = _stream(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    last = chunks[-1]
+    assert last["choices"] == [] and last["usage"] == plain["usage"]
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    assert all(c["usage"] is None and len(c["choices"]) == 1 for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    without = _stream(server, path, {**body, "stream": True, "stream_options": {"include_usage": False}})
+    assert all("usage" not in c and len(c["choices"]) == 1 for c in without)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+    ({"stream": True, "stream_options": {"include_obfuscation": True}}, "stream_options.include_obfuscation"),
+    ({"stream": True, "stream_options": [1]}, "stream_options"),
+])
+def test_bad_stream_options_are_a_400(server, extra, param):
+    status, answer = call(server, "/v1/chat/completions", chat_body("alpha", "hi", 2, **extra))
+    assert status == 400 and _error(answer)["param"] == param

@@ -14,7 +14,7 @@ from typing import Any
 from slimtune.infer.serve.errors import APIError
 
 COMMON = frozenset({"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed",
-                    "stream", "n"})
+                    "stream", "stream_options", "n"})
 """Fields both endpoints honour."""
 HONOURED = {True: COMMON | {"messages"}, False: COMMON | {"prompt"}}
 """Honoured fields by endpoint: True is /v1/chat/completions, False is /v1/completions."""

@@ -35,6 +35,8 @@ class ParsedRequest:
     options: SamplingOptions = field(default_factory=SamplingOptions)
     stop: list[str] = field(default_factory=list)
     stream: bool = False
+    include_usage: bool = False
+    """Streaming only: a last chunk with empty choices carries the usage (stream_options.include_usage)."""
 
 
 def parse_request(body: Any, chat: bool, default_max_tokens: int, max_tokens_limit: int) -> ParsedRequest:
@@ -54,7 +56,8 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int, max_tokens_lim
     if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be a boolean, got {_short(stream)}", "stream")
     request = ParsedRequest(model, chat, options=_options(body, default_max_tokens, max_tokens_limit),
-                            stop=_stop(body.get("stop")), stream=stream)
+                            stop=_stop(body.get("stop")), stream=stream,
+                            include_usage=_include_usage(body.get("stream_options"), stream))
     if chat:
         request.messages = _messages(body.get("messages"))
     else:
@@ -81,6 +84,25 @@ def _options(body: dict[str, Any], default_max_tokens: int, limit: int) -> Sampl
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
         raise APIError(400, f"'seed' must be an integer in [{SEED_MIN}, {SEED_MAX}], got {_short(seed)}", "seed")
     return SamplingOptions(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed)
+
+
+def _include_usage(value: Any, stream: bool) -> bool:
+    """stream_options: {"include_usage": bool}, allowed only with stream: true (as in OpenAI's API)."""
+    if value is None:
+        return False
+    if not stream:
+        raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "stream_options")
+    if not isinstance(value, dict):
+        raise APIError(400, f"'stream_options' must be an object, got {_short(value)}", "stream_options")
+    for key, option in value.items():
+        if key != "include_usage":
+            raise APIError(400, f"Unrecognized request argument supplied: stream_options.{key}",
+                           f"stream_options.{key}", "unrecognized_argument")
+        if option is not None and not isinstance(option, bool):
+            raise APIError(400, f"'stream_options.include_usage' must be a boolean, got {_short(option)}",
+                           "stream_options.include_usage")
+    return value.get("include_usage") is True
 
 
 def _short(value: Any) -> str:
@@ -147,13 +169,24 @@ def completion_body(rid: str, model: str, chat: bool, text: str, finish: str, pr
     else:
         choice["text"] = text
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "model": model, "choices": [choice], "usage": usage_body(prompt_tokens, completion_tokens)}
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def usage_chunk_body(rid: str, model: str, chat: bool, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk of a stream with include_usage: no choices, the request's usage."""
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage_body(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str | None,
-               first: bool = False) -> dict[str, Any]:
+               first: bool = False, include_usage: bool = False) -> dict[str, Any]:
+    """One streamed chunk; with include_usage it carries "usage": null, as OpenAI's do."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
         delta: dict[str, str] = {"role": "assistant"} if first else {}
@@ -162,8 +195,11 @@ def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str |
         choice["delta"] = delta
     else:
         choice["text"] = text or ""
-    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+    body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
+    if include_usage:
+        body["usage"] = None
+    return body
 
 
 def models_body(names: list[str], base: str) -> dict[str, Any]:

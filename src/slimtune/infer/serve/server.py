@@ -30,6 +30,7 @@ from slimtune.infer.serve.protocol import (
     models_body,
     new_id,
     parse_request,
+    usage_chunk_body,
 )
 from slimtune.infer.serve.scheduler import Job, Overloaded, Scheduler
 from slimtune.infer.serve.transport import BoundedHTTPServer, JSONRequestHandler
@@ -241,10 +242,14 @@ class _Handler(JSONRequestHandler):
             while True:
                 kind, payload = job.events.get(timeout=max(0.0, deadline - time.monotonic()))
                 if kind == "delta":
-                    self._event(chunk_body(rid, request.model, request.chat, payload, None, first))
+                    self._event(chunk_body(rid, request.model, request.chat, payload, None, first,
+                                           request.include_usage))
                     first = False
                 elif kind == "done":
-                    self._event(chunk_body(rid, request.model, request.chat, None, payload[1], first))
+                    self._event(chunk_body(rid, request.model, request.chat, None, payload[1], first,
+                                           request.include_usage))
+                    if request.include_usage:
+                        self._event(usage_chunk_body(rid, request.model, request.chat, prompt_tokens, payload[2]))
                     break
                 else:
                     self._event(APIError(500, payload, kind="server_error").body())

@@ -1,6 +1,6 @@
 """The server's API contract beyond plain completions, on a live server (127.0.0.1, ephemeral port):
 every request field is honoured or refused with a 400 naming it; null fields count as absent;
-stream_options.include_usage ends a stream with a usage chunk."""
+stream_options.include_usage ends a stream with a usage chunk; GET /v1/models/{id}."""
 
 from __future__ import annotations
 
@@ -123,3 +123,27 @@ def test_include_usage_ends_the_stream_with_a_usage_chunk(server, path, body):
 def test_bad_stream_options_are_a_400(server, extra, param):
     status, answer = call(server, "/v1/chat/completions", chat_body("alpha", "hi", 2, **extra))
     assert status == 400 and _error(answer)["param"] == param
+
+
+def test_get_one_model(server):
+    for name in ("tiny-base", "alpha", "beta"):
+        status, body = call(server, f"/v1/models/{name}")
+        assert status == 200 and body == next(m for m in call(server, "/v1/models")[1]["data"] if m["id"] == name)
+    for name in ("gamma", "..%2Falpha", "alpha/x", ""):
+        status, answer = call(server, f"/v1/models/{name}")
+        error = _error(answer)
+        assert status == 404 and error["code"] == "model_not_found" and error["param"] == "model"
+
+
+def test_get_one_model_needs_the_key_like_the_list(loaded):
+    key = "model-key-123456"
+    srv = Server(loaded, ServeConfig(port=0, api_key=key)).start()
+    try:
+        for path in ("/v1/models", "/v1/models/alpha", "/v1/models/gamma"):
+            status, answer = call(srv, path)
+            assert status == 401 and answer["error"]["code"] == "invalid_api_key"
+            assert call(srv, path, key="wrong-key-000")[0] == 401
+        assert call(srv, "/v1/models/alpha", key=key)[0] == 200
+        assert call(srv, "/v1/models/gamma", key=key)[0] == 404
+    finally:
+        srv.close()

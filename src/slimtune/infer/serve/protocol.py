@@ -202,6 +202,11 @@ def chunk_body(rid: str, model: str, chat: bool, text: str | None, finish: str |
     return body
 
 
+def model_body(name: str, base: str) -> dict[str, Any]:
+    """OpenAI's model object; an adapter's parent is the base model."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": "slimtune",
+            "parent": None if name == base else base}
+
+
 def models_body(names: list[str], base: str) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "slimtune",
-                                        "parent": None if n == base else base} for n in names]}
+    return {"object": "list", "data": [model_body(n, base) for n in names]}

@@ -1,6 +1,6 @@
 """The API side: routes, auth, limits, JSON and server-sent events (on transport.BoundedHTTPServer).
 
-Routes: GET /v1/models, GET /health, POST /v1/chat/completions, POST /v1/completions.
+Routes: GET /v1/models, GET /v1/models/{id}, GET /health, POST /v1/chat/completions, POST /v1/completions.
 Order of checks for a POST: auth (401) -> Content-Length present (411) and within max_body_bytes (413,
 the body is never read) -> the whole body within read_timeout_s (408) -> JSON (400) -> fields (400)
 -> model known (404) -> prompt length (400) -> queue has room (429). The `model` field is only ever a
@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from typing import Any
+from urllib.parse import unquote
 
 from slimtune.data.control_tokens import ControlTokenError
 from slimtune.infer.generation import encode, encode_chat
@@ -27,6 +28,7 @@ from slimtune.infer.serve.protocol import (
     ParsedRequest,
     chunk_body,
     completion_body,
+    model_body,
     models_body,
     new_id,
     parse_request,
@@ -36,6 +38,8 @@ from slimtune.infer.serve.scheduler import Job, Overloaded, Scheduler
 from slimtune.infer.serve.transport import BoundedHTTPServer, JSONRequestHandler
 
 ROUTES = {"/v1/chat/completions": True, "/v1/completions": False}
+MODEL_PREFIX = "/v1/models/"
+"""GET /v1/models/{id}: one model object, by the (URL-encoded) name of the base model or an adapter."""
 
 
 class Server:
@@ -158,6 +162,11 @@ class _Handler(JSONRequestHandler):
             self.app.check_auth(self.headers.get("Authorization"))
             if self.path == "/v1/models":
                 self.send_json(200, models_body(self.app.model_names(), self.app.loaded.base_name))
+                return
+            if self.path.startswith(MODEL_PREFIX):
+                name = unquote(self.path[len(MODEL_PREFIX):].split("?", 1)[0])
+                self.app.adapter_for(name)  # 404 model_not_found unless served
+                self.send_json(200, model_body(name, self.app.loaded.base_name))
                 return
             raise APIError(404, f"no route GET {self.path}", code="not_found")
         except APIError as err:

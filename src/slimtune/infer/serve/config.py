@@ -41,6 +41,9 @@ class ServeConfig:
     """max_tokens when a request gives none."""
     request_timeout_s: float = 600.0
     """A request waiting longer than this for its answer gets a 503."""
+    access_log: bool = True
+    """One line per request on stderr: time, client, method, path, status, bytes, ms, model (never the
+    body or the API key); --no-access-log turns it off."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 from slimtune.data.control_tokens import ControlTokenError
 from slimtune.infer.generation import encode, encode_chat
 from slimtune.infer.loading import LoadedModel
+from slimtune.infer.serve.access_log import AccessLog
 from slimtune.infer.serve.config import ServeConfig
 from slimtune.infer.serve.protocol import (
     APIError,
@@ -45,14 +46,18 @@ MODEL_PREFIX = "/v1/models/"
 class Server:
     """One loaded model (with adapters) behind an OpenAI-compatible HTTP API."""
 
-    def __init__(self, loaded: LoadedModel, config: ServeConfig | None = None, start_scheduler: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, config: ServeConfig | None = None, start_scheduler: bool = True,
+                 access_log: AccessLog | None = None) -> None:
+        """access_log: where request lines go; by default stderr when config.access_log is on."""
         self.loaded = loaded
         self.config = config or ServeConfig()
+        self.access_log = access_log or (AccessLog() if self.config.access_log else None)
         self.scheduler = Scheduler(loaded, self.config.max_queue, self.config.max_batch_size,
                                    self.config.batch_wait_ms / 1000.0)
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self.httpd = BoundedHTTPServer((self.config.host, self.config.port), _handler_class(self),
                                        self.config.max_connections)
+        self.httpd.access_log = self.access_log
         self._thread: threading.Thread | None = None
         self._serving = False
         if start_scheduler:
@@ -145,6 +150,7 @@ def _handler_class(server: Server) -> type[_Handler]:
     class Handler(_Handler):
         app = server
         read_timeout_s = server.config.read_timeout_s
+        access_log = server.access_log
 
     return Handler
 
@@ -165,6 +171,7 @@ class _Handler(JSONRequestHandler):
                 return
             if self.path.startswith(MODEL_PREFIX):
                 name = unquote(self.path[len(MODEL_PREFIX):].split("?", 1)[0])
+                self.log_model = name
                 self.app.adapter_for(name)  # 404 model_not_found unless served
                 self.send_json(200, model_body(name, self.app.loaded.base_name))
                 return
@@ -179,6 +186,8 @@ class _Handler(JSONRequestHandler):
             if self.path not in ROUTES:
                 raise APIError(404, f"no route POST {self.path}", code="not_found")
             body = self._read_json()
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                self.log_model = body["model"]
             chat = ROUTES[self.path]
             cfg = self.app.config
             request = parse_request(body, chat, cfg.default_max_tokens, cfg.max_tokens_limit)
@@ -266,6 +275,7 @@ class _Handler(JSONRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (ConnectionError, TimeoutError, queue.Empty):
+            self.aborted = True
             job.cancelled.set()  # the client left, stopped reading, or we gave up: stop generating its row
 
     def _event(self, body: dict[str, Any]) -> None:

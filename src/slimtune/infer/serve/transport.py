@@ -9,6 +9,8 @@ Bounds, so that no client can hold the server:
   a client that sends less than it announced, or trickles bytes, gets 408 and is disconnected. The
   same timeout bounds every write to a client that stops reading;
 - a client that leaves early ends its connection quietly (no traceback on the server's stderr).
+Every request that was received or answered (refusals at accept time included) gets one access-log line
+when the server has an AccessLog (see slimtune.infer.serve.access_log).
 The standard library answers malformed request lines, over-long lines (414), too many or too long
 headers (431), unknown methods (501) and HTTP/2+ (505) with HTML; here `send_error` answers JSON and
 turns the two 5xx into 405 and 400: the fault lies with the request.
@@ -25,7 +27,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO
 
-from slimtune.infer.serve.protocol import APIError
+from slimtune.infer.serve.access_log import AccessLog
+from slimtune.infer.serve.errors import APIError
 
 LISTEN_BACKLOG = 1024
 """Connections the kernel queues before accept(); the kernel caps it at net.core.somaxconn."""
@@ -98,6 +101,28 @@ class DeadlineReader:
         return self.raw.closed
 
 
+class CountingWriter:
+    """The connection's output stream, counting the bytes written (for the access log)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw, self.sent = raw, 0
+
+    def write(self, data: bytes) -> int:
+        written = self.raw.write(data)
+        self.sent += len(data)
+        return written
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
+
+
 class BoundedHTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with a bound on live connections and a deep listen backlog."""
 
@@ -107,12 +132,13 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
                  max_connections: int) -> None:
         self.max_connections = max_connections
+        self.access_log: AccessLog | None = None
         self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self._refuse(request)
+            self._refuse(request, client_address)
             return
         try:
             super().process_request(request, client_address)
@@ -133,7 +159,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         host = client_address[0] if isinstance(client_address, tuple) and client_address else client_address
         print(f"slimtune serve: connection from {host} failed: {type(err).__name__}: {err}", file=sys.stderr)
 
-    def _refuse(self, sock: socket.socket) -> None:
+    def _refuse(self, sock: socket.socket, client_address: Any) -> None:
         """Answer 429 from the accept loop without blocking it, then close. What the client has sent
         so far is read first: closing a socket with unread data resets it, and the reset can reach the
         client before it has read the answer."""
@@ -141,15 +167,19 @@ class BoundedHTTPServer(ThreadingHTTPServer):
                                    "retry later", None, "rate_limit_exceeded", "rate_limit_error").body()).encode()
         head = (f"HTTP/1.0 429 Too Many Requests\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 "\r\nConnection: close\r\n\r\n").encode()
+        started, begun, sent = time.time(), time.monotonic(), 0
         try:
             sock.setblocking(False)
-            sock.send(head + body)  # a few hundred bytes: the empty send buffer of a new socket takes them
+            sent = sock.send(head + body)  # a few hundred bytes: the empty send buffer of a new socket takes them
             while sock.recv(65536):
                 pass
         except OSError:
             pass  # nothing more to read now (BlockingIOError), or the client has gone
         finally:
             self.shutdown_request(sock)
+            if self.access_log is not None:  # the request itself is never read: method and path unknown
+                host = client_address[0] if isinstance(client_address, tuple) and client_address else "-"
+                self.access_log.write(started, str(host), None, None, 429, sent, time.monotonic() - begun)
 
 
 class JSONRequestHandler(BaseHTTPRequestHandler):
@@ -157,6 +187,8 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
 
     read_timeout_s: float = 30.0
     """Set by the server: see the module docstring."""
+    access_log: AccessLog | None = None
+    """Set by the server: where each request's line goes (None: no access log)."""
     server_version = "slimtune"
 
     def setup(self) -> None:
@@ -164,6 +196,8 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         super().setup()
         self.reader = DeadlineReader(self.rfile, self.connection, self.read_timeout_s)
         self.rfile = self.reader  # type: ignore[assignment]  (the stdlib reads the request line and headers here)
+        self.writer = CountingWriter(self.wfile)
+        self.wfile = self.writer  # type: ignore[assignment]
         self.response_started = False
 
     def request_read(self) -> None:
@@ -171,17 +205,36 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
         self.reader.finish()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        pass  # quiet by default; the CLI prints a line per request itself
+        pass  # the access log (slimtune.infer.serve.access_log) writes one line per request instead
 
     def send_response(self, code: int, message: str | None = None) -> None:
         self.response_started = True
+        self.status_sent = code
         super().send_response(code, message)
 
     def handle_one_request(self) -> None:
         """The standard library's request cycle, with a deadline on reading and without tracebacks for
         clients that leave."""
         self.response_started = False
+        self.status_sent: int | None = None
+        self.log_model: str | None = None
+        """The model the request named, for the access log; set by the API handler."""
+        self.aborted = False
+        self.raw_requestline = b""
+        self.command = self.path = None  # type: ignore[assignment]
+        self.requestline, self.request_version = "", self.protocol_version  # until a request line is parsed
+        self.writer.sent = 0
+        started, begun = time.time(), time.monotonic()
         self.reader.start()
+        try:
+            self._handle_one_request()
+        finally:
+            if self.access_log is not None and (self.raw_requestline or self.response_started):
+                host = self.client_address[0] if isinstance(self.client_address, tuple) else self.client_address
+                self.access_log.write(started, str(host), self.command, self.path, self.status_sent, self.writer.sent,
+                                      time.monotonic() - begun, self.log_model, self.aborted)
+
+    def _handle_one_request(self) -> None:
         try:
             self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
             if len(self.raw_requestline) > MAX_LINE:
@@ -200,11 +253,13 @@ class JSONRequestHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except TimeoutError:
             self.close_connection = True
+            self.aborted = self.response_started  # a client that stopped reading the answer
             self.answer_error(408, f"the request did not arrive within {self.read_timeout_s:g} s: send the "
                               "request line, the headers and a body as long as its Content-Length at once",
                               "request_timeout")
         except ConnectionError:
             self.close_connection = True  # the client left
+            self.aborted = True
 
     def parse_request(self) -> bool:
         if not super().parse_request():

@@ -11,8 +11,8 @@ import pytest
 from test_serve import call, chat_body
 
 from slimtune.infer.serve import ServeConfig, Server
+from slimtune.infer.serve.errors import APIError
 from slimtune.infer.serve.fields import HONOURED, UNSUPPORTED, check_fields
-from slimtune.infer.serve.protocol import APIError
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reliability_tools import count, fuzz_settings, time_limit
 
-from slimtune.infer.serve.protocol import APIError, ParsedRequest, parse_request
+from slimtune.infer.serve.errors import APIError
+from slimtune.infer.serve.protocol import ParsedRequest, parse_request
 
 KEY = "reliability-key-123"
 SCALAR = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=12))

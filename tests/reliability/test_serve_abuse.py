@@ -17,7 +17,8 @@ import pytest
 from reliability_tools import count, time_limit
 
 from slimtune.infer.serve import ServeConfig, Server
-from slimtune.infer.serve.protocol import APIError, parse_request
+from slimtune.infer.serve.errors import APIError
+from slimtune.infer.serve.protocol import parse_request
 
 READ_TIMEOUT = 1.0
 

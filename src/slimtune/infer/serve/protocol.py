@@ -16,7 +16,7 @@ from slimtune.infer.generation import SamplingOptions
 from slimtune.infer.serve.errors import APIError
 from slimtune.infer.serve.fields import check_fields, present_fields
 
-__all__ = ["APIError", "ParsedRequest", "parse_request"]
+__all__ = ["ParsedRequest", "parse_request"]
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4

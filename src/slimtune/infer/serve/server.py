@@ -24,8 +24,8 @@ from slimtune.infer.generation import encode, encode_chat
 from slimtune.infer.loading import LoadedModel
 from slimtune.infer.serve.access_log import AccessLog
 from slimtune.infer.serve.config import ServeConfig
+from slimtune.infer.serve.errors import APIError
 from slimtune.infer.serve.protocol import (
-    APIError,
     ParsedRequest,
     chunk_body,
     completion_body,
